@@ -1,0 +1,33 @@
+# Set-up and the two everyday commands. `make demo` runs the main job on the embedded model;
+# `make test` runs lint and the test suite. Both create the virtualenv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/evaluate
+
+.PHONY: demo test test-slow lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first, so nothing pulls the multi-GB CUDA build onto a CPU machine.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/rldiff evaluate --out $(OUT)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider; \
+	  status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-slow: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,40 @@
+"""The ``rldiff`` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from rldiff import evaluate, pretrain
+
+    p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
+    pretrain.add_arguments(p)
+    e = commands.add_parser("evaluate", help="every baseline at every NFE budget: table + plots")
+    evaluate.add_arguments(e)
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        if args.command == "pretrain":
+            pretrain.pretrain(pretrain.config_from_args(args))
+        elif args.command == "evaluate":
+            cfg = evaluate.config_from_args(args)
+            evaluate.run_evaluation(cfg)
+            print(f"report: {cfg.out / 'report.md'}")
+    except (FileNotFoundError, ValueError) as err:  # user-facing problems: no stack trace
+        print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rldiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Denoisers ``D(x, sigma, cond) -> x0_hat`` in the EDM parameterisation ``x = x0 + sigma * eps``.
+
+``sigma`` is a per-sample tensor ``[B]``: one call serves a batch whose samples sit at different noise
+levels. Classifier-free guidance takes a scale per sample (Ho & Salimans, 2022):
+``x0 = x0_uncond + w * (x0_cond - x0_uncond)``; ``w = 1`` is plain conditional sampling and needs no
+unconditional pass. One call is one network evaluation (NFE), whatever the guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rldiff.noise import DiscreteVP
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "digits-unet"
+UNCONDITIONAL = -1  # label meaning "no class": the model's null class, or the whole mixture
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Per-sample conditioning: class label (``UNCONDITIONAL`` for none) and guidance scale."""
+
+    labels: torch.Tensor  # [B] int64
+    guidance: torch.Tensor  # [B] float
+
+    @classmethod
+    def make(cls, labels, guidance=1.0, batch: int | None = None) -> Condition:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if batch is not None and labels.numel() == 1:
+            labels = labels.expand(batch)
+        guidance = torch.as_tensor(guidance, dtype=torch.float64).reshape(-1)
+        if guidance.numel() == 1:
+            guidance = guidance.expand(len(labels))
+        if len(guidance) != len(labels):
+            raise ValueError(f"{len(labels)} labels but {len(guidance)} guidance scales")
+        return cls(labels.clone(), guidance.clone())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> Condition:
+        return Condition(self.labels[index], self.guidance[index])
+
+
+class Denoiser(Protocol):
+    """The contract every model is adapted to."""
+
+    noise: DiscreteVP  # the noise-level range and the t <-> sigma map
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor: ...
+
+
+def guided(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance in x0 space (equivalent to epsilon space: the map is affine)."""
+    w = w.to(x0_cond.dtype).view(-1, *([1] * (x0_cond.dim() - 1)))
+    return x0_uncond + w * (x0_cond - x0_uncond)
+
+
+class DiffusersDenoiser:
+    """Adapts a diffusers ``UNet2DModel`` trained as a DDPM (epsilon, v or sample prediction)."""
+
+    def __init__(self, unet, noise: DiscreteVP, prediction_type: str = "epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = unet.eval().requires_grad_(False)
+        self.noise = noise
+        self.prediction_type = prediction_type
+        num_classes = getattr(unet.config, "num_class_embeds", None)
+        self.null_class = None if num_classes is None else num_classes - 1
+        self.sample_shape = (
+            unet.config.in_channels,
+            unet.config.sample_size,
+            unet.config.sample_size,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device) -> DiffusersDenoiser:
+        self.unet.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        labels = cond.labels.to(x.device)
+        w = cond.guidance.to(x.device)
+        if self.null_class is None:
+            return self._x0(x, sigma, None)
+        labels = torch.where(labels == UNCONDITIONAL, self.null_class, labels)
+        extra = (w != 1) & (labels != self.null_class)  # these also need the unconditional pass
+        if not extra.any():
+            return self._x0(x, sigma, labels)
+        both = self._x0(
+            torch.cat([x, x[extra]]),
+            torch.cat([sigma, sigma[extra]]),
+            torch.cat([labels, torch.full_like(labels[extra], self.null_class)]),
+        )
+        x0, x0_uncond = both[: len(x)], both[len(x) :]
+        x0[extra] = guided(x0[extra], x0_uncond, w[extra])
+        return x0
+
+    @torch.no_grad()
+    def _x0(
+        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        c_in = 1 / (s**2 + 1).sqrt()  # EDM x -> the VP input the network was trained on
+        t = self.noise.sigma_to_t(sigma.to(torch.float64)).to(torch.float32)
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet((x * c_in).to(dtype), t, class_labels=labels).sample.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":  # v = alpha eps - sigma_vp x0 (Salimans & Ho)
+            return c_in**2 * x - s * c_in * out  # x0 = alpha x_vp - sigma_vp v, in EDM terms
+        return out
+
+
+def load_denoiser(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """Loads a diffusers UNet2DModel from a local ``save_pretrained`` directory (never a hub id).
+
+    Accepts a model directory (``config.json`` + safetensors, ``scheduler_config.json`` beside it) or
+    a pipeline directory with ``unet/`` and ``scheduler/`` subfolders. Weights only as safetensors.
+    """
+    from diffusers import UNet2DModel
+
+    root = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {root} does not exist (run `rldiff pretrain`?)")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").exists() else root
+    scheduler_file = _first_existing(
+        [root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"]
+    )
+    if not any(unet_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"no .safetensors weights in {unet_dir}: only safetensors load")
+    scheduler = json.loads(scheduler_file.read_text())
+    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+    return DiffusersDenoiser(
+        unet.to(device),
+        _noise_from_scheduler(scheduler),
+        scheduler.get("prediction_type", "epsilon"),
+    )
+
+
+def _first_existing(paths: list[Path]) -> Path:
+    for p in paths:
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"none of {[str(p) for p in paths]} exists")
+
+
+def _noise_from_scheduler(config: dict) -> DiscreteVP:
+    schedule = config.get("beta_schedule", "linear")
+    start, end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    steps = config.get("num_train_timesteps", 1000)
+    if config.get("trained_betas"):
+        return DiscreteVP.from_betas(torch.tensor(config["trained_betas"], dtype=torch.float64))
+    if schedule == "linear":
+        return DiscreteVP.linear_betas(start, end, steps)
+    if schedule == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+        return DiscreteVP.from_betas(betas)
+    raise ValueError(f"unsupported beta_schedule {schedule!r}")

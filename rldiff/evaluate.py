@@ -1,0 +1,307 @@
+"""The evaluation protocol: every policy at every NFE budget, on fixed held-out seeds.
+
+Evaluation seeds (``EVAL_SEED_OFFSET + i``) never overlap the seeds used for optimisation or
+training (``0 .. n_train - 1``). Each policy is scored against the reference solution from the same
+noise (mean / p90 RMSE), by Fréchet distance and confidence on the shipped digit classifier, and by
+NFE and wall time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rldiff.denoisers import Condition
+from rldiff.global_schedule import SearchConfig, optimise_schedule
+from rldiff.metrics import DigitMetrics, rmse_per_sample
+from rldiff.models import EMBEDDED, load_model
+from rldiff.parallel import connect_ray, parallel_map
+from rldiff.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
+from rldiff.reference import load_or_build, model_fingerprint
+from rldiff.sampler import sample
+from rldiff.schedules import SCHEDULES
+from rldiff.seeds import initial_noise
+from rldiff.solvers import EXPERT_NAMES
+
+EVAL_SEED_OFFSET = 1_000_000
+BUDGETS = (3, 4, 5, 6, 8, 10)
+GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun")  # deterministic: RMSE to the ODE is fair
+GRID_SAMPLES = 20  # samples kept per policy for the grids: two of each class
+
+
+@dataclass
+class EvaluateConfig:
+    out: Path = Path("runs/evaluate")  # where results.parquet, report.md and the plots go
+    model: str = EMBEDDED  # "embedded", "gmm" (exact mixture) or a diffusers directory
+    n_samples: int = 512  # held-out evaluation samples
+    n_train: int = 128  # optimisation samples (disjoint seeds) for the global schedules
+    budgets: tuple[int, ...] = BUDGETS
+    solvers: tuple[str, ...] = EXPERT_NAMES
+    schedules: tuple[str, ...] = tuple(SCHEDULES)
+    global_solvers: tuple[str, ...] = GLOBAL_SOLVERS
+    guidance: float = 1.0  # classifier-free guidance scale of every sample
+    reference_steps: int = 200  # steps of the reference solve (checked against twice as many)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    adaptive_tol: float = 0.005  # error tolerance of the adaptive controller (pixel RMS)
+    cache: Path = Path(".cache/rldiff")  # reference banks and optimised schedules
+    ray: str = "auto"  # "auto": a running cluster or RAY_ADDRESS; "local"; "off"
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A picklable description of one policy at one budget."""
+
+    name: str
+    family: str  # hand-built | global | adaptive
+    solver: str
+    budget: int
+    schedule: str = ""
+    sigmas: tuple[float, ...] = ()
+    tol: float = 0.0
+
+    def build(self, noise_table):
+        if self.family == "hand-built":
+            return fixed_policy(self.solver, self.schedule, self.budget, noise_table)
+        if self.family == "global":
+            return FixedSchedulePolicy(self.solver, torch.tensor(self.sigmas), name=self.name)
+        return AdaptivePolicy(self.solver, tol=self.tol, name=self.name)
+
+
+@dataclass
+class SeedSet:
+    seeds: list[int]
+    cond: Condition
+    noise: torch.Tensor
+    reference: torch.Tensor
+
+
+def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> SeedSet:
+    seeds = list(range(offset, offset + n))
+    cond = Condition.make([s % 10 for s in seeds], cfg.guidance)
+    path = cfg.cache / f"reference-{name}-{n}-g{cfg.guidance:g}-{cfg.reference_steps}.parquet"
+    ref = load_or_build(path, denoiser, seeds, cond, steps=cfg.reference_steps)
+    shape = tuple(ref.x0.shape[1:])
+    return SeedSet(seeds, cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))
+
+
+def run_evaluation(cfg: EvaluateConfig) -> list[dict]:
+    """Runs the whole protocol and writes the outputs to ``cfg.out``; returns the result rows."""
+    from rldiff.report import write_report
+
+    torch.set_num_threads(1)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    denoiser = load_model(cfg.model)
+    use_ray = connect_ray(cfg.ray)
+    print(f"evaluating on {cfg.n_samples} held-out samples; Ray tasks: {use_ray}")
+    evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
+    train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
+    schedules = optimise_global_schedules(cfg, denoiser, train, use_ray)
+    specs = policy_specs(cfg, schedules)
+    context = (denoiser, evaluation, DigitMetrics())
+    results = parallel_map(_score, specs, context, use_ray, desc="policies")
+    rows = [row for row, _ in results]
+    grids = {row["policy"] + f"@{row['budget']}": x for row, x in results}
+    pq.write_table(pa.Table.from_pylist(rows), cfg.out / "results.parquet")
+    (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
+    write_report(
+        cfg.out, rows, grids, asdict(context[2].real_floor()), evaluation.reference[:GRID_SAMPLES]
+    )
+    return rows
+
+
+def policy_specs(cfg: EvaluateConfig, schedules: dict) -> list[PolicySpec]:
+    specs = []
+    for b in cfg.budgets:
+        for solver in cfg.solvers:
+            for schedule in cfg.schedules:
+                name = f"fixed:{solver}/{schedule}"
+                specs.append(PolicySpec(name, "hand-built", solver, b, schedule=schedule))
+        for solver in cfg.global_solvers:
+            sigmas = tuple(schedules[(solver, b)].tolist())
+            specs.append(PolicySpec(f"global:{solver}", "global", solver, b, sigmas=sigmas))
+        specs.append(
+            PolicySpec("adaptive:dpmpp-2m", "adaptive", "dpmpp-2m", b, tol=cfg.adaptive_tol)
+        )
+    return specs
+
+
+def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
+    """The per-budget global schedule of every solver, cached per model and search setting."""
+    key = f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{cfg.search}"
+    path = cfg.cache / "global-schedules.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    todo = [
+        (s, b) for s in cfg.global_solvers for b in cfg.budgets if f"{key}|{s}|{b}" not in cached
+    ]
+    found = parallel_map(_optimise, todo, (denoiser, train, cfg.search), use_ray, "global search")
+    for (s, b), result in zip(todo, found, strict=True):
+        cached[f"{key}|{s}|{b}"] = result
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    return {
+        (s, b): torch.tensor(cached[f"{key}|{s}|{b}"]["sigmas"], dtype=torch.float64)
+        for s in cfg.global_solvers
+        for b in cfg.budgets
+    }
+
+
+def _optimise(job, context) -> dict:
+    (solver, budget), (denoiser, train, search) = job, context
+    found = optimise_schedule(
+        denoiser, solver, budget, train.noise, train.cond, train.reference, search
+    )
+    return {
+        "sigmas": found.sigmas.tolist(),
+        "train_rmse": found.train_rmse,
+        "start": found.start_schedule,
+        "start_rmse": found.start_rmse,
+        "evaluations": found.evaluations,
+    }
+
+
+def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
+    denoiser, ev, metrics = context
+    policy = spec.build(denoiser.noise)
+    start = time.perf_counter()
+    result = sample(denoiser, policy, ev.noise, ev.cond, spec.budget, seeds=ev.seeds)
+    seconds = time.perf_counter() - start
+    rmse = rmse_per_sample(result.x0, ev.reference)
+    x0 = result.x0.clamp(-1, 1)
+    row = {
+        "policy": spec.name,
+        "family": spec.family,
+        "solver": spec.solver,
+        "schedule": spec.schedule or spec.family,
+        "budget": spec.budget,
+        "mean_nfe": float(result.nfe.float().mean()),
+        "max_nfe": int(result.nfe.max()),
+        "rmse_mean": float(rmse.mean()),
+        "rmse_p90": float(rmse.quantile(0.9)),
+        "fd": float(metrics.fd(x0)),
+        "confidence": float(metrics.confidence(x0, ev.cond.labels)),
+        "seconds_per_sample": seconds / len(ev.seeds),
+        "n_samples": len(ev.seeds),
+        "sigmas": json.dumps([round(s, 5) for s in _first_schedule(result)]),
+    }
+    return row, x0[:GRID_SAMPLES]
+
+
+def _first_schedule(result) -> list[float]:
+    steps = result.schedule(0)
+    return [steps[0]["sigma"]] + [s["sigma_next"] for s in steps] if steps else []
+
+
+def add_arguments(parser) -> None:
+    """The ``rldiff evaluate`` flags, one per config field."""
+    d = EvaluateConfig()
+    parser.add_argument("--out", type=Path, default=d.out, help="output directory")
+    parser.add_argument("--model", default=d.model, help="embedded | gmm | a diffusers directory")
+    parser.add_argument("--samples", type=_positive, default=d.n_samples, help="held-out samples")
+    parser.add_argument(
+        "--train-samples",
+        type=_positive,
+        default=d.n_train,
+        help="samples (disjoint seeds) the global schedules are optimised on",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=d.budgets,
+        help="comma-separated NFE budgets (default: 3,4,5,6,8,10)",
+    )
+    parser.add_argument(
+        "--solvers",
+        type=_names(EXPERT_NAMES),
+        default=d.solvers,
+        help=f"hand-built solvers, from {','.join(EXPERT_NAMES)}",
+    )
+    parser.add_argument(
+        "--schedules",
+        type=_names(tuple(SCHEDULES)),
+        default=d.schedules,
+        help=f"hand-built schedules, from {','.join(SCHEDULES)}",
+    )
+    parser.add_argument(
+        "--global-solvers",
+        type=_names(GLOBAL_SOLVERS),
+        default=d.global_solvers,
+        help="solvers whose schedule is optimised per budget",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=d.guidance, help="classifier-free guidance scale"
+    )
+    parser.add_argument("--reference-steps", type=_positive, default=d.reference_steps)
+    parser.add_argument(
+        "--search-rounds",
+        type=_positive,
+        default=d.search.rounds,
+        help="coordinate-search passes of the global schedule optimiser",
+    )
+    parser.add_argument("--adaptive-tol", type=float, default=d.adaptive_tol)
+    parser.add_argument("--cache", type=Path, default=d.cache, help="reference/schedule cache")
+    parser.add_argument(
+        "--ray",
+        choices=("auto", "local", "off"),
+        default=d.ray,
+        help="auto: use a running cluster or RAY_ADDRESS; local: start one here",
+    )
+
+
+def config_from_args(args) -> EvaluateConfig:
+    return EvaluateConfig(
+        out=args.out,
+        model=args.model,
+        n_samples=args.samples,
+        n_train=args.train_samples,
+        budgets=args.budgets,
+        solvers=args.solvers,
+        schedules=args.schedules,
+        global_solvers=args.global_solvers,
+        guidance=args.guidance,
+        reference_steps=args.reference_steps,
+        search=SearchConfig(rounds=args.search_rounds),
+        adaptive_tol=args.adaptive_tol,
+        cache=args.cache,
+        ray=args.ray,
+    )
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    values = tuple(_positive(t) for t in text.split(",") if t.strip())
+    if not values:
+        raise ValueError("no budgets given")
+    return tuple(sorted(set(values)))
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        import argparse
+
+        names = tuple(t.strip() for t in text.split(",") if t.strip())
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(allowed)}")
+        return names
+
+    return parse

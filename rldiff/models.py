@@ -1,0 +1,24 @@
+"""Resolves a model name to a denoiser: the embedded UNet, the exact digits mixture, or a path."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+EMBEDDED = "embedded"  # the shipped digits UNet (rldiff/assets/digits-unet)
+EXACT_GMM = "gmm"  # the exact Gaussian mixture fitted to the digits: fast, for tests and CI
+
+
+@lru_cache(maxsize=4)
+def load_model(spec: str = EMBEDDED, device: str = "cpu"):
+    """``embedded``, ``gmm``, or a local diffusers ``save_pretrained`` directory."""
+    if spec == EXACT_GMM:
+        from rldiff.data import load_digits16
+        from rldiff.gmm import GaussianMixtureDenoiser
+
+        images, labels = load_digits16("train")
+        return GaussianMixtureDenoiser.fit(images, labels, dtype=torch.float32)
+    from rldiff.denoisers import load_denoiser
+
+    return load_denoiser(None if spec == EMBEDDED else spec, device=device)

@@ -1,0 +1,144 @@
+"""Writes the evaluation outputs people read: ``report.md``, ``pareto.png`` and sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+FAMILY_ORDER = ("hand-built", "global", "adaptive")
+
+
+def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
+    """The row with the lowest mean reference RMSE per budget within one family."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r["family"] == family and (
+            r["budget"] not in best or r["rmse_mean"] < best[r["budget"]]["rmse_mean"]
+        ):
+            best[r["budget"]] = r
+    return dict(sorted(best.items()))
+
+
+def write_report(out: Path, rows, grids, floor: dict, reference: torch.Tensor) -> None:
+    families = {f: best_per_budget(rows, f) for f in {r["family"] for r in rows}}
+    (out / "report.md").write_text(_markdown(rows, families, floor))
+    _pareto(rows, families, floor, out / "pareto.png")
+    for budget in sorted({r["budget"] for r in rows}):
+        picks = [
+            (f"{f}: {families[f][budget]['policy']}", families[f][budget])
+            for f in _present(families)
+            if budget in families[f]
+        ]
+        _grid(out / f"grid_nfe{budget}.png", budget, reference, picks, grids)
+
+
+def _present(families):
+    return [f for f in FAMILY_ORDER if f in families] + sorted(set(families) - set(FAMILY_ORDER))
+
+
+def _markdown(rows, families, floor) -> str:
+    n = rows[0]["n_samples"] if rows else 0
+    hand, glob = families.get("hand-built", {}), families.get("global", {})
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{n} held-out samples per policy. Reference: high-accuracy ODE solution from the same "
+        "noise. RMSE on the [-1, 1] pixel scale. FD: Fréchet distance on the shipped digit "
+        "classifier's features.",
+        "",
+        f"**Floors** (real held-out digits vs the training statistics): FD {floor['fd']:.2f}, "
+        f"confidence {floor['confidence']:.3f}.",
+        "",
+        "## Best policy of each family per budget",
+        "",
+        "| budget | family | policy | mean NFE | max NFE | RMSE mean | RMSE p90 | FD (floor "
+        f"{floor['fd']:.1f}) | confidence | vs best hand-built |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for budget in sorted({r["budget"] for r in rows}):
+        for f in _present(families):
+            r = families[f].get(budget)
+            if r is None:
+                continue
+            ratio = r["rmse_mean"] / hand[budget]["rmse_mean"] if budget in hand else float("nan")
+            lines.append(
+                f"| {budget} | {f} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
+                f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {r['fd']:.2f} | "
+                f"{r['confidence']:.3f} | {ratio:.2f}× |"
+            )
+    if hand and glob:
+        lines += ["", "## Global schedule vs best hand-built", ""]
+        for budget in sorted(set(hand) & set(glob)):
+            gain = 1 - glob[budget]["rmse_mean"] / hand[budget]["rmse_mean"]
+            lines.append(
+                f"- {budget} NFE: `{glob[budget]['policy']}` RMSE {glob[budget]['rmse_mean']:.4f}"
+                f" vs `{hand[budget]['policy']}` {hand[budget]['rmse_mean']:.4f}: "
+                f"{100 * gain:+.0f} % lower error"
+            )
+    lines += [
+        "",
+        "![quality vs NFE](pareto.png)",
+        "",
+        "## Every policy",
+        "",
+        "| budget | policy | mean NFE | max NFE | RMSE mean | RMSE p90 | FD | confidence | s/sample |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["rmse_mean"])):
+        lines.append(
+            f"| {r['budget']} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
+            f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {r['fd']:.2f} | {r['confidence']:.3f} "
+            f"| {r['seconds_per_sample'] * 1e3:.2f} ms |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pareto(rows, families, floor, path: Path) -> None:
+    fig, (ax_rmse, ax_fd) = plt.subplots(1, 2, figsize=(12, 4.5))
+    hand_rows = [r for r in rows if r["family"] == "hand-built"]
+    for ax, key in ((ax_rmse, "rmse_mean"), (ax_fd, "fd")):
+        ax.scatter(
+            [r["mean_nfe"] for r in hand_rows],
+            [r[key] for r in hand_rows],
+            s=8,
+            color="0.75",
+            label="every hand-built solver × schedule",
+        )
+        for f in _present(families):
+            pts = list(families[f].values())
+            label = "best hand-built" if f == "hand-built" else f"best {f}"
+            ax.plot([r["mean_nfe"] for r in pts], [r[key] for r in pts], "o-", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("mean NFE")
+        ax.grid(alpha=0.3, which="both")
+    ax_fd.axhline(floor["fd"], color="k", ls="--", lw=1, label="real-data floor")
+    ax_rmse.set_ylabel("mean RMSE to the reference")
+    ax_fd.set_ylabel("Fréchet distance (classifier features)")
+    ax_rmse.legend(fontsize=8)
+    ax_fd.legend(fontsize=8)
+    fig.suptitle("Quality vs network evaluations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grid(path: Path, budget: int, reference, picks, grids) -> None:
+    rows = [("reference (ODE, many steps)", reference)] + [
+        (title, grids[r["policy"] + f"@{budget}"]) for title, r in picks
+    ]
+    cols = len(reference)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(cols * 0.45, len(rows) * 0.75))
+    for ax, (title, images) in zip(axes, rows, strict=True):
+        strip = torch.cat(list(images[:, 0].clamp(-1, 1)), dim=1)
+        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(title, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(f"{budget} NFE", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

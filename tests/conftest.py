@@ -1,0 +1,32 @@
+"""Shared fixtures: one torch thread, a small exact Gaussian-mixture model."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_gmm():
+    """The exact Gaussian-mixture model of the 16x16 digits (one component per class)."""
+    from rldiff.data import load_digits16
+    from rldiff.gmm import GaussianMixtureDenoiser
+
+    images, labels = load_digits16("train")
+    return GaussianMixtureDenoiser.fit(images, labels)
+
+
+@pytest.fixture(scope="session")
+def small_gmm():
+    """A 4-dimensional, 3-component mixture: exact, fast, and well conditioned for order tests."""
+    from rldiff.gmm import GaussianMixtureDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64) * 0.4
+    covs = a @ a.transpose(1, 2) + 0.05 * torch.eye(4, dtype=torch.float64)
+    return GaussianMixtureDenoiser(means, covs, torch.tensor([0.5, 0.3, 0.2]))
