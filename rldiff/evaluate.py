@@ -48,7 +48,7 @@ class EvaluateConfig:
     guidance: float = 1.0  # classifier-free guidance scale of every sample
     reference_steps: int = 200  # steps of the reference solve (checked against twice as many)
     search: SearchConfig = field(default_factory=SearchConfig)
-    adaptive_tol: float = 0.005  # error tolerance of the adaptive controller (pixel RMS)
+    adaptive_tol: float = 0.003  # error tolerance of the adaptive controller (pixel RMS)
     cache: Path = Path(".cache/rldiff")  # reference banks and optimised schedules
     ray: str = "auto"  # "auto": a running cluster or RAY_ADDRESS; "local"; "off"
 

@@ -26,7 +26,9 @@ from rldiff.denoisers import UNCONDITIONAL
 def rmse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """RMS over all pixels of ``x - ref`` per sample: float64 ``[B]`` for inputs ``[B, ...]``."""
     if x.shape != ref.shape:
-        raise ValueError(f"shape mismatch: samples {tuple(x.shape)} vs reference {tuple(ref.shape)}")
+        raise ValueError(
+            f"shape mismatch: samples {tuple(x.shape)} vs reference {tuple(ref.shape)}"
+        )
     diff = x.detach().to(torch.float64) - ref.detach().to(device=x.device, dtype=torch.float64)
     return diff.flatten(1).pow(2).mean(1).sqrt().cpu()
 
@@ -88,7 +90,7 @@ def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RealFloor:
-    """What real held-out data scores: the floor every sampler's FD and confidence is read against."""
+    """What real held-out data scores: the floor that sampled FD and confidence are read against."""
 
     fd: float  # FD of the real "test" split against the "train" statistics
     confidence: float  # mean classifier probability of the true class on the "test" split

@@ -79,8 +79,8 @@ class AdaptivePolicy:
     first-order step it corrects; for a step of log-size h it is
     ``e(h) = (1 - e^-h) * h / (2 h_last) * |D_i - D_{i-1}|`` (RMS). The controller picks the h with
     ``e(h) = tol`` (Hairer et al., Solving ODEs I, II.4), never smaller than an even split of the
-    remaining log-sigma range over the remaining evaluations (so the budget is never exhausted
-    early), and jumps to sigma = 0 once the range to sigma_min fits in one step.
+    remaining log-sigma range over the remaining steps (the logSNR-uniform spacing, so the budget is
+    never exhausted early), and jumps to sigma = 0 once the step would pass sigma_min.
     """
 
     def __init__(self, solver: str = "dpmpp-2m", tol: float = 0.01, name: str | None = None):
@@ -90,8 +90,8 @@ class AdaptivePolicy:
 
     def act(self, obs: Observation) -> Decision:
         remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
-        span = (obs.sigma / obs.sigma_min).log().clamp_min(0)  # log range left before the jump to 0
-        h_floor = span / remaining.clamp_min(1)
+        span = (obs.sigma / obs.sigma_min).log().clamp_min(0)  # log range down to sigma_min
+        h_floor = span / (remaining + 1)  # this step and `remaining` more, the last a jump to 0
         h = torch.maximum(self._h_for_tolerance(obs), h_floor)
         nxt = obs.sigma * torch.exp(-h)
         finish = (remaining == 0) | (h >= span)

@@ -8,6 +8,7 @@ interior point.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,11 @@ def karras(n: int, noise: DiscreteVP, rho: float = 7.0) -> torch.Tensor:
     """Eq. (5) of Karras et al. (2022): uniform in sigma^(1/rho), then 0."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = noise.sigma_min ** (1 / rho), noise.sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho if n > 1 else torch.tensor([noise.sigma_max])
+    sigmas = (
+        (hi + ramp * (lo - hi)) ** rho
+        if n > 1
+        else torch.tensor([noise.sigma_max], dtype=torch.float64)
+    )
     return _append_zero(sigmas)
 
 
@@ -32,16 +37,21 @@ def time_uniform(n: int, noise: DiscreteVP) -> torch.Tensor:
 def logsnr_uniform(n: int, noise: DiscreteVP) -> torch.Tensor:
     """Uniform in log-SNR = -2 log sigma from sigma_max to sigma_min; the final point becomes 0."""
     log_sigma = torch.linspace(
-        torch.log(torch.tensor(noise.sigma_max)), torch.log(torch.tensor(noise.sigma_min)), n + 1
+        math.log(noise.sigma_max), math.log(noise.sigma_min), n + 1, dtype=torch.float64
     )
-    return _append_zero(log_sigma[:-1].to(torch.float64).exp())
+    return _append_zero(log_sigma[:-1].exp())
 
 
 def explicit(sigmas) -> torch.Tensor:
     """A given list of sigmas: strictly decreasing, positive, ending in 0."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
-    if len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[:-1] <= 0).any():
-        raise ValueError("a schedule is >= 2 sigmas, all positive except a final 0")
+    if (
+        len(sigmas) < 2
+        or sigmas[-1] != 0
+        or not (sigmas[:-1] > 0).all()
+        or not torch.isfinite(sigmas).all()
+    ):
+        raise ValueError("a schedule is >= 2 finite sigmas, all positive except a final 0")
     if (sigmas[1:] >= sigmas[:-1]).any():
         raise ValueError(f"sigmas must decrease strictly: {sigmas.tolist()}")
     return sigmas

@@ -1,0 +1,124 @@
+"""The evaluation job end to end on the exact mixture model, at a tiny size."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rldiff.cli import main
+from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, policy_specs
+from rldiff.global_schedule import SearchConfig, optimise_schedule
+from rldiff.policies import fixed_policy
+from rldiff.sampler import sample
+from rldiff.seeds import initial_noise
+
+REQUIRED_COLUMNS = {
+    "policy", "budget", "mean_nfe", "max_nfe", "rmse_mean", "rmse_p90", "fd", "confidence",
+    "seconds_per_sample", "n_samples",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate")
+    argv = ["evaluate", "--model", "gmm", "--samples", "40", "--train-samples", "20",
+            "--budgets", "4,6", "--reference-steps", "60", "--search-rounds", "1",
+            "--out", str(out), "--cache", str(out / "cache"), "--ray", "off"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_outputs_exist_and_results_have_the_protocol_columns(evaluated):
+    table = pq.read_table(evaluated / "results.parquet")
+    assert set(table.column_names) >= REQUIRED_COLUMNS
+    rows = table.to_pylist()
+    budgets = {r["budget"] for r in rows}
+    assert budgets == {4, 6}
+    for r in rows:
+        assert r["max_nfe"] <= r["budget"] and r["mean_nfe"] <= r["budget"]
+        assert r["n_samples"] == 40
+        assert 0 <= r["confidence"] <= 1
+    names = {r["policy"] for r in rows}
+    assert {"fixed:unipc/karras", "global:dpmpp-2m", "adaptive:dpmpp-2m"} <= names
+    for f in ("report.md", "pareto.png", "grid_nfe4.png", "grid_nfe6.png", "config.json"):
+        assert (evaluated / f).stat().st_size > 0
+
+
+def test_report_states_floors_and_best_per_budget(evaluated):
+    report = (evaluated / "report.md").read_text()
+    assert "Floors" in report and "FD" in report
+    assert "| 4 | hand-built |" in report and "| 6 | global |" in report
+
+
+def test_global_schedule_never_worse_than_its_start_on_training_seeds(evaluated):
+    cache = json.loads((evaluated / "cache" / "global-schedules.json").read_text())
+    assert cache
+    for entry in cache.values():
+        assert entry["train_rmse"] <= entry["start_rmse"]
+        sigmas = entry["sigmas"]
+        assert sigmas[-1] == 0 and all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False))
+
+
+def test_cached_references_and_schedules_are_reused(evaluated, monkeypatch):
+    import rldiff.evaluate as ev
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the global schedule search ran again despite the cache")
+
+    monkeypatch.setattr(ev, "optimise_schedule", fail)
+    argv = ["evaluate", "--model", "gmm", "--samples", "40", "--train-samples", "20",
+            "--budgets", "4,6", "--reference-steps", "60", "--search-rounds", "1",
+            "--solvers", "euler", "--schedules", "karras",
+            "--out", str(evaluated / "again"), "--cache", str(evaluated / "cache"), "--ray", "off"]  # fmt: skip
+    assert main(argv) == 0
+
+
+def test_evaluation_seeds_are_disjoint_from_optimisation_seeds():
+    cfg = EvaluateConfig()
+    assert cfg.n_train < EVAL_SEED_OFFSET
+
+
+def test_optimised_schedule_improves_a_poor_start(small_gmm):
+    from rldiff.denoisers import Condition
+
+    noise = initial_noise(range(16), (4,), torch.float64)
+    cond = Condition.make(-1, 1.0, batch=16)
+    ref = sample(
+        small_gmm, fixed_policy("unipc", "logsnr-uniform", 300, small_gmm.noise), noise, cond, 300
+    ).x0
+    found = optimise_schedule(small_gmm, "euler", 4, noise, cond, ref, SearchConfig(rounds=2))
+    assert found.train_rmse < found.start_rmse
+    assert float(found.sigmas[0]) == pytest.approx(small_gmm.noise.sigma_max)
+    assert found.sigmas[-1] == 0
+
+
+def test_policy_specs_cover_every_solver_schedule_and_budget():
+    cfg = EvaluateConfig(budgets=(3, 5))
+    schedules = {(s, b): torch.tensor([1.0, 0.0]) for s in cfg.global_solvers for b in cfg.budgets}
+    specs = policy_specs(cfg, schedules)
+    hand = [s for s in specs if s.family == "hand-built"]
+    assert len(hand) == len(cfg.solvers) * len(cfg.schedules) * 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--budgets", "0"], "positive integer"),
+        (["evaluate", "--solvers", "rk4"], "unknown"),
+        (["evaluate", "--samples", "many"], "positive integer"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    code = main(["evaluate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                 "--ray", "off"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
