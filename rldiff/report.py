@@ -24,9 +24,9 @@ def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
     return dict(sorted(best.items()))
 
 
-def write_report(out: Path, rows, grids, floor: dict, reference: torch.Tensor) -> None:
+def write_report(out: Path, rows, grids, floor: dict, reference: torch.Tensor, model: dict) -> None:
     families = {f: best_per_budget(rows, f) for f in {r["family"] for r in rows}}
-    (out / "report.md").write_text(_markdown(rows, families, floor))
+    (out / "report.md").write_text(_markdown(rows, families, floor, model))
     _pareto(rows, families, floor, out / "pareto.png")
     for budget in sorted({r["budget"] for r in rows}):
         picks = [
@@ -41,7 +41,7 @@ def _present(families):
     return [f for f in FAMILY_ORDER if f in families] + sorted(set(families) - set(FAMILY_ORDER))
 
 
-def _markdown(rows, families, floor) -> str:
+def _markdown(rows, families, floor, model) -> str:
     n = rows[0]["n_samples"] if rows else 0
     hand, glob = families.get("hand-built", {}), families.get("global", {})
     lines = [
@@ -53,6 +53,10 @@ def _markdown(rows, families, floor) -> str:
         "",
         f"**Floors** (real held-out digits vs the training statistics): FD {floor['fd']:.2f}, "
         f"confidence {floor['confidence']:.3f}.",
+        "",
+        f"**The model** sampled accurately (`{model['policy']}`, {model['mean_nfe']:.0f} NFE): FD "
+        f"{model['fd']:.2f} ({model['fd'] / floor['fd']:.2f}× the floor), confidence "
+        f"{model['confidence']:.3f}, RMSE to the reference {model['rmse_mean']:.4f}.",
         "",
         "## Best policy of each family per budget",
         "",

@@ -75,42 +75,77 @@ def sample(
 
     ``budget`` is a hard per-sample cap on NFE; ``seeds`` seed the noise stochastic steps inject.
     """
-    start = time.perf_counter()
-    b = len(noise)
-    run = _Run(denoiser, cond, torch.as_tensor(budget).expand(b).clone().long(), seeds, b)
-    sigma = torch.full((b,), denoiser.noise.sigma_max, dtype=torch.float64)
-    x = noise * denoiser.noise.sigma_max
-    history = History.empty(b, tuple(noise.shape[1:]), noise.dtype, noise.device)
-    last = _Last(b)
-    steps: list[StepRecord] = []
-    for step in range(MAX_STEPS):
-        rows = (sigma > 0).nonzero().squeeze(1)
-        if len(rows) == 0:
-            break
-        denoised = run.evaluate(rows, x[rows], sigma[rows])
-        obs = _observe(rows, step, sigma, denoised, run, last, denoiser)
-        decision = _feasible(policy.act(obs), sigma[rows], run.nfe[rows], run.budget[rows], step)
-        x_next, x_start = run.advance(rows, x[rows], sigma[rows], denoised, history[rows], decision)
-        ode = ~(
-            torch.tensor([EXPERTS[e].stochastic for e in decision.expert.tolist()])
-            & (decision.noise > 0)
+    batch = Sampling(denoiser, noise, cond, budget, seeds)
+    while not batch.done:
+        batch.advance(policy.act(batch.observe()))
+    return batch.result()
+
+
+class Sampling:
+    """A batch in flight, advanced one decision at a time: ``observe()`` evaluates the denoiser at
+    every unfinished sample's current point and describes it; ``advance(decision)`` takes the step.
+    ``sample()`` drives it with a policy; an RL environment drives it with the agents' actions."""
+
+    def __init__(self, denoiser: Denoiser, noise, cond: Condition, budget, seeds=None):
+        self.start = time.perf_counter()
+        b = len(noise)
+        self.denoiser = denoiser
+        self.run = _Run(denoiser, cond, torch.as_tensor(budget).expand(b).clone().long(), seeds, b)
+        self.sigma = torch.full((b,), denoiser.noise.sigma_max, dtype=torch.float64)
+        self.x = noise * denoiser.noise.sigma_max
+        self.history = History.empty(b, tuple(noise.shape[1:]), noise.dtype, noise.device)
+        self.last = _Last(b)
+        self.steps: list[StepRecord] = []
+        self._pending = None  # (rows, denoised) observed but not yet stepped
+
+    @property
+    def done(self) -> bool:
+        return not bool((self.sigma > 0).any())
+
+    @property
+    def nfe(self) -> torch.Tensor:
+        return self.run.nfe
+
+    def observe(self) -> Observation:
+        """One network evaluation for every unfinished sample, and what a policy sees of it."""
+        if self._pending is None:
+            rows = (self.sigma > 0).nonzero().squeeze(1)
+            self._pending = rows, self.run.evaluate(rows, self.x[rows], self.sigma[rows])
+        rows, denoised = self._pending
+        return _observe(
+            rows, len(self.steps), self.sigma, denoised, self.run, self.last, self.denoiser
         )
-        history.push(rows, x_start, sigma[rows], denoised, ode)
-        steps.append(
+
+    def advance(self, decision: Decision) -> Decision:
+        """Steps the observed samples as decided (clamped to the budget); returns what was applied."""
+        if self._pending is None:
+            raise RuntimeError("advance() needs an observe() first")
+        (rows, denoised), self._pending = self._pending, None
+        sigma, run = self.sigma[rows], self.run
+        decision = _feasible(decision, sigma, run.nfe[rows], run.budget[rows], len(self.steps))
+        x_next, x_start = run.advance(
+            rows, self.x[rows], sigma, denoised, self.history[rows], decision
+        )
+        stochastic = torch.tensor([EXPERTS[e].stochastic for e in decision.expert.tolist()])
+        self.history.push(rows, x_start, sigma, denoised, ~(stochastic & (decision.noise > 0)))
+        self.steps.append(
             StepRecord(
                 rows,
-                sigma[rows],
+                sigma,
                 decision.sigma_next,
                 decision.expert,
                 decision.noise,
                 run.nfe[rows].clone(),
                 decision.confidence,
-            )
+            )  # fmt: skip
         )
-        last.update(rows, denoised, sigma[rows], decision)
-        x[rows] = x_next
-        sigma[rows] = decision.sigma_next
-    return SampleResult(x, run.nfe, time.perf_counter() - start, steps)
+        self.last.update(rows, denoised, sigma, decision)
+        self.x[rows] = x_next
+        self.sigma[rows] = decision.sigma_next
+        return decision
+
+    def result(self) -> SampleResult:
+        return SampleResult(self.x, self.run.nfe, time.perf_counter() - self.start, self.steps)
 
 
 class _Run:
@@ -227,6 +262,8 @@ def _feasible(decision: Decision, sigma, nfe, budget, step) -> Decision:
     nxt = decision.sigma_next.to(torch.float64)
     if not torch.isfinite(nxt).all():
         raise ValueError("policy returned a non-finite sigma_next")
+    if ((decision.expert < 0) | (decision.expert >= len(EXPERTS))).any():
+        raise ValueError(f"policy returned an expert outside 0..{len(EXPERTS) - 1}")
     nxt = torch.minimum(nxt.clamp_min(0), sigma * (1 - 1e-6))
     extra = torch.tensor([EXPERTS[e].extra_nfe for e in decision.expert.tolist()], dtype=torch.long)
     cost = nfe + extra + 1  # evaluations spent once this step and the next one's first are done
