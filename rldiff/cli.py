@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from rldiff import evaluate, pretrain
+    from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
     pretrain.add_arguments(p)
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = evaluate.config_from_args(args)
             evaluate.run_evaluation(cfg)
             print(f"report: {cfg.out / 'report.md'}")
-    except (FileNotFoundError, ValueError) as err:  # user-facing problems: no stack trace
+    except (FileNotFoundError, ValueError, ReferenceBankError) as err:  # no stack trace
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

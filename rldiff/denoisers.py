@@ -138,7 +138,9 @@ def load_denoiser(path: str | Path | None = None, device: str | torch.device = "
     if not any(unet_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"no .safetensors weights in {unet_dir}: only safetensors load")
     scheduler = json.loads(scheduler_file.read_text())
-    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+    unet = UNet2DModel.from_pretrained(
+        unet_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+    )
     return DiffusersDenoiser(
         unet.to(device),
         _noise_from_scheduler(scheduler),

@@ -23,7 +23,7 @@ from rldiff.metrics import DigitMetrics, rmse_per_sample
 from rldiff.models import EMBEDDED, load_model
 from rldiff.parallel import connect_ray, parallel_map
 from rldiff.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
-from rldiff.reference import load_or_build, model_fingerprint
+from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, load_or_build, model_fingerprint
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES
 from rldiff.seeds import initial_noise
@@ -87,7 +87,8 @@ class SeedSet:
 def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> SeedSet:
     seeds = list(range(offset, offset + n))
     cond = Condition.make([s % 10 for s in seeds], cfg.guidance)
-    path = cfg.cache / f"reference-{name}-{n}-g{cfg.guidance:g}-{cfg.reference_steps}.parquet"
+    solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
+    path = cfg.cache / f"reference-{name}-{n}-g{cfg.guidance:g}-{solve}.parquet"
     ref = load_or_build(path, denoiser, seeds, cond, steps=cfg.reference_steps)
     shape = tuple(ref.x0.shape[1:])
     return SeedSet(seeds, cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))

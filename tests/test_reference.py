@@ -19,7 +19,7 @@ from rldiff.reference import (
     model_fingerprint,
 )
 
-FAST = {"steps": 40, "check_steps": 80, "check_samples": 4, "progress": False}
+FAST = {"steps": 80, "check_steps": 160, "check_samples": 4, "progress": False}
 
 
 @pytest.fixture
@@ -58,7 +58,9 @@ def test_round_trip_and_cache_hit(tmp_path, small_gmm, request_rows, counted):
     assert len(counted) == 1 and path.exists()
     assert built.x0.shape == (8, 4) and built.x0.dtype == torch.float32
     meta = built.metadata
-    assert meta["steps"] == 40 and meta["solver"] == "unipc" and meta["sample_shape"] == [4]
+    assert (
+        meta["steps"] == FAST["steps"] and meta["solver"] == "unipc" and meta["sample_shape"] == [4]
+    )
     assert meta["check_samples"] == 4 and meta["check_rmse_mean"] < 2e-3
     assert meta["fingerprint"] == model_fingerprint(small_gmm)
 
@@ -121,8 +123,8 @@ def test_other_seeds_or_settings_are_refused(tmp_path, small_gmm, request_rows):
     other_guidance = Condition.make(cond.labels, 3.0)
     with pytest.raises(ReferenceBankError, match="rebuild=True"):
         load_or_build(path, small_gmm, seeds, other_guidance, **FAST)
-    with pytest.raises(ReferenceBankError, match="steps 40 .requested 80"):
-        load_or_build(path, small_gmm, seeds, cond, **{**FAST, "steps": 80})
+    with pytest.raises(ReferenceBankError, match="steps 80 .requested 100"):
+        load_or_build(path, small_gmm, seeds, cond, **{**FAST, "steps": 100})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "bitflip"])
@@ -198,7 +200,7 @@ def test_unconverged_solve_is_rejected(small_gmm, request_rows):
 def test_reference_is_close_to_a_much_finer_solve(small_gmm, request_rows):
     seeds, cond = request_rows
     coarse = build_reference(small_gmm, seeds, cond, **FAST)
-    fine = build_reference(small_gmm, seeds, cond, steps=160, check_samples=0, progress=False)
+    fine = build_reference(small_gmm, seeds, cond, steps=320, check_samples=0, progress=False)
     assert (coarse.x0 - fine.x0).pow(2).mean(1).sqrt().max() < 2e-3
 
 

@@ -1,0 +1,170 @@
+"""RLlib's configuration for the router + experts, built in one place: ``build_config``.
+
+Collapse guard: the router module gets its own entropy bonus (``router_entropy_coeff``, through
+RLlib's per-module config overrides), and starts uniform over the experts. No bias toward the base
+expert: the warm start is on the experts' side (a zero step action reproduces the base schedule,
+so every expert starts from a sensible schedule), and a uniform router explores all of them.
+Expert usage and router entropy are logged every episode to watch for collapse anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from rldiff.env import ENV_DEFAULTS, K, RoutingEnv
+
+ROUTER = "router"
+EXPERT_MODULES = tuple(f"expert_{k}" for k in range(K))
+METRICS = "rldiff"  # custom metrics land in result["env_runners"]["rldiff"][...]
+METRICS_WINDOW = 100  # episodes each custom metric is averaged over
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``build_config`` turns it into a ``PPOConfig``."""
+
+    model: str = "embedded"  # "embedded" (digits UNet), "gmm" (exact mixture), or a diffusers dir
+    batch_size: int = 32  # samples per episode; one env step advances all of them
+    budgets: tuple[int, ...] = (3, 4, 5, 6, 8, 10)  # per-sample NFE budgets, drawn per sample
+    guidance: tuple[float, ...] = (1.0,)  # guidance scales, drawn per sample
+    cost_per_nfe: float | tuple[float, ...] = 0.0  # reward cost per NFE (a tuple: drawn per sample)
+    n_train: int = 512  # training seeds 0 .. n_train - 1 (never the evaluation seeds)
+    base_expert: str = "unipc"  # solver of the base schedule that defines reward 0
+    base_schedules: dict[int, list[float]] | None = None  # budget -> sigmas; None: logSNR split
+    step_range: float = 3.0  # a step action of +-1 scales the base log-step by step_range^+-1
+    reference_steps: int = 200  # steps of the reference solve of the training seeds
+    cache: str = ".cache/rldiff"  # reference banks live here
+    lr: float = 3e-4  # Adam learning rate of every module
+    entropy_coeff: float = 0.0  # entropy bonus of the expert modules
+    router_entropy_coeff: float = 0.01  # entropy bonus of the router (collapse guard)
+    clip: float = 0.2  # PPO clip parameter
+    gamma: float = 1.0  # undiscounted: the only reward comes at the sample's end
+    lambda_: float = 0.95  # GAE lambda
+    hidden: tuple[int, ...] = (64, 64)  # MLP hidden sizes of every module (policy and value)
+    train_batch_size: int = 4096  # agent steps per iteration (routers and experts together)
+    minibatch_size: int = 512  # agent steps per SGD minibatch
+    num_epochs: int = 4  # SGD passes over each train batch
+    env_runners: int = 1  # remote env runners (0: sample in the driver)
+    iterations: int = 50  # training iterations (read by the driver, not by build_config)
+    seed: int = 0  # seeds RLlib, the modules and the env's draws
+    env_overrides: dict = field(default_factory=dict)  # any other env_config key (e.g. device)
+
+    def env_config(self) -> dict:
+        """The ``RoutingEnv`` config (JSON-able, so Tune can search inside it)."""
+        keys = set(ENV_DEFAULTS) - {"device"}
+        out = {k: getattr(self, k) for k in keys}
+        out["budgets"], out["guidance"] = list(self.budgets), list(self.guidance)
+        if isinstance(self.cost_per_nfe, tuple | list):
+            out["cost_per_nfe"] = list(self.cost_per_nfe)
+        return {**out, **self.env_overrides}
+
+
+def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
+    """``router_{i}`` -> ``router``; ``expert{k}_{i}`` -> ``expert_{k}``."""
+    if agent_id.startswith("router_"):
+        return ROUTER
+    return f"expert_{agent_id.removeprefix('expert').split('_')[0]}"
+
+
+def build_config(cfg: TrainConfig) -> PPOConfig:
+    """THE RLlib config: multi-agent PPO over ``RoutingEnv``, one module per router / expert."""
+    model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
+    modules = (ROUTER, *EXPERT_MODULES)
+    return (
+        PPOConfig()
+        .environment(RoutingEnv, env_config=cfg.env_config())
+        .multi_agent(
+            policies=set(modules),
+            policy_mapping_fn=policy_mapping_fn,
+            count_steps_by="agent_steps",
+        )
+        .rl_module(
+            rl_module_spec=MultiRLModuleSpec(
+                rl_module_specs={m: RLModuleSpec(model_config=model) for m in modules}
+            ),
+            algorithm_config_overrides_per_module={
+                ROUTER: {"entropy_coeff": cfg.router_entropy_coeff}
+            },
+        )
+        .env_runners(
+            num_env_runners=cfg.env_runners,
+            num_envs_per_env_runner=1,
+            num_cpus_per_env_runner=1,
+            num_gpus_per_env_runner=gpus_per_env_runner(cfg.env_runners),
+        )
+        .learners(num_learners=0, num_gpus_per_learner=0)  # small MLPs: the GPU is the denoiser's
+        .training(
+            lr=cfg.lr,
+            entropy_coeff=cfg.entropy_coeff,
+            clip_param=cfg.clip,
+            gamma=cfg.gamma,
+            lambda_=cfg.lambda_,
+            train_batch_size_per_learner=cfg.train_batch_size,
+            minibatch_size=cfg.minibatch_size,
+            num_epochs=cfg.num_epochs,
+        )
+        .callbacks(RoutingMetrics)
+        .debugging(seed=cfg.seed)
+    )
+
+
+def gpus_per_env_runner(env_runners: int) -> float:
+    """1 per remote env runner if the cluster has enough GPUs, a fair share if fewer, else 0.
+
+    Never hard-coded: asking for a GPU that no node has makes the env runner wait forever.
+    """
+    if env_runners == 0:
+        return 0  # the driver's own env runner sees whatever GPU the driver sees
+    import ray
+
+    gpus = (
+        float(ray.cluster_resources().get("GPU", 0))
+        if ray.is_initialized()
+        else float(torch.cuda.device_count())
+    )
+    return 0 if gpus == 0 else min(1.0, gpus / env_runners)
+
+
+class RoutingMetrics(RLlibCallback):
+    """Per-episode custom metrics under ``rldiff/``: reference RMSE (policy and base), NFE,
+    NFE / budget, reward, per-expert usage fractions and the router's mean policy entropy."""
+
+    def on_episode_end(self, *, episode, env=None, env_index=0, metrics_logger=None, **kwargs):
+        if metrics_logger is None:
+            return
+        values = dict(_routing_env(env, env_index).summary)
+        entropy = _router_entropy(episode)
+        if entropy is not None:
+            values["router_entropy"] = entropy
+        for key, value in values.items():
+            metrics_logger.log_value((METRICS, *key.split("/")), value, window=METRICS_WINDOW)
+
+
+def _routing_env(env, index: int) -> RoutingEnv:
+    """The ``RoutingEnv`` behind RLlib's vector env (it auto-resets on the next step, so its
+    ``summary`` still describes the episode that just ended)."""
+    envs = getattr(env, "envs", None)
+    return (envs[index] if envs is not None else env).unwrapped
+
+
+def _router_entropy(episode) -> float | None:
+    """Mean entropy (nats) of the router's action distribution over this episode chunk."""
+    logits = [
+        np.asarray(sa.get_extra_model_outputs(Columns.ACTION_DIST_INPUTS), dtype=np.float64)
+        for aid, sa in episode.agent_episodes.items()
+        if aid.startswith("router_") and Columns.ACTION_DIST_INPUTS in sa.extra_model_outputs
+    ]
+    logits = [x.reshape(-1, K) for x in logits if x.size]
+    if not logits:
+        return None
+    logp = torch.log_softmax(torch.as_tensor(np.concatenate(logits)), dim=1)
+    return float(-(logp.exp() * logp).sum(1).mean())
