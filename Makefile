@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/rldiff evaluate --out $(OUT)
+	OMP_NUM_THREADS=1 $(BIN)/rldiff evaluate --out $(OUT) --ray local
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -5,6 +5,10 @@ RLlib's per-module config overrides), and starts uniform over the experts. No bi
 expert: the warm start is on the experts' side (a zero step action reproduces the base schedule,
 so every expert starts from a sensible schedule), and a uniform router explores all of them.
 Expert usage and router entropy are logged every episode to watch for collapse anyway.
+
+``TrainConfig.experts`` picks the experts in play: modules ``expert_<global index>`` for those
+only, and ``router`` only when there is more than one (one expert is the single-agent ``ppo-single``
+ablation: step size only, one solver).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rldiff.env import ENV_DEFAULTS, K, RoutingEnv
+from rldiff.env import ENV_DEFAULTS, K, RoutingEnv, experts_in_use
 
 ROUTER = "router"
 EXPERT_MODULES = tuple(f"expert_{k}" for k in range(K))
@@ -39,6 +43,7 @@ class TrainConfig:
     cost_per_nfe: float | tuple[float, ...] = 0.0  # reward cost per NFE (a tuple: drawn per sample)
     n_train: int = 512  # training seeds 0 .. n_train - 1 (never the evaluation seeds)
     base_expert: str = "unipc"  # solver of the base schedule that defines reward 0
+    experts: tuple[str, ...] | None = None  # experts in play (None: all); one: no router module
     base_schedules: dict[int, list[float]] | None = None  # budget -> sigmas; None: logSNR split
     step_range: float = 3.0  # a step action of +-1 scales the base log-step by step_range^+-1
     reference_steps: int = 200  # steps of the reference solve of the training seeds
@@ -50,11 +55,17 @@ class TrainConfig:
     gamma: float = 1.0  # undiscounted: the only reward comes at the sample's end
     lambda_: float = 0.95  # GAE lambda
     hidden: tuple[int, ...] = (64, 64)  # MLP hidden sizes of every module (policy and value)
-    train_batch_size: int = 4096  # agent steps per iteration (routers and experts together)
-    minibatch_size: int = 512  # agent steps per SGD minibatch
+    # Env steps per iteration; one env step is a router turn or an expert turn of the whole batch,
+    # so about batch_size agent steps (counting agent steps trips an RLlib 2.60 bug, see below).
+    train_batch_size: int = 256
+    # Rows of EACH module per SGD minibatch (PPO wants it <= train_batch_size). An epoch ends when
+    # the largest module (the router) is covered: a rarely chosen expert's rows are cycled, so
+    # they are reused many times per epoch.
+    minibatch_size: int = 256
     num_epochs: int = 4  # SGD passes over each train batch
     env_runners: int = 1  # remote env runners (0: sample in the driver)
     iterations: int = 50  # training iterations (read by the driver, not by build_config)
+    checkpoint_every: int = 10  # iterations between checkpoints, and one at the end (driver)
     seed: int = 0  # seeds RLlib, the modules and the env's draws
     env_overrides: dict = field(default_factory=dict)  # any other env_config key (e.g. device)
 
@@ -63,9 +74,17 @@ class TrainConfig:
         keys = set(ENV_DEFAULTS) - {"device"}
         out = {k: getattr(self, k) for k in keys}
         out["budgets"], out["guidance"] = list(self.budgets), list(self.guidance)
+        if self.experts is not None:
+            out["experts"] = [self.experts] if isinstance(self.experts, str) else list(self.experts)
         if isinstance(self.cost_per_nfe, tuple | list):
             out["cost_per_nfe"] = list(self.cost_per_nfe)
         return {**out, **self.env_overrides}
+
+
+def module_ids(experts=None) -> tuple[str, ...]:
+    """The modules for the experts in play (names, None: all): ``router`` only if more than one."""
+    ks = experts_in_use(experts)
+    return (*([ROUTER] if len(ks) > 1 else []), *(EXPERT_MODULES[k] for k in ks))
 
 
 def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
@@ -76,24 +95,27 @@ def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
 
 
 def build_config(cfg: TrainConfig) -> PPOConfig:
-    """THE RLlib config: multi-agent PPO over ``RoutingEnv``, one module per router / expert."""
+    """THE RLlib config: multi-agent PPO over ``RoutingEnv``, one module per router / expert in
+    play (``cfg.experts``)."""
     model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
-    modules = (ROUTER, *EXPERT_MODULES)
+    env_config = cfg.env_config()
+    modules = module_ids(env_config["experts"])
+    overrides = {ROUTER: {"entropy_coeff": cfg.router_entropy_coeff}} if ROUTER in modules else {}
     return (
         PPOConfig()
-        .environment(RoutingEnv, env_config=cfg.env_config())
+        .environment(RoutingEnv, env_config=env_config)
         .multi_agent(
             policies=set(modules),
             policy_mapping_fn=policy_mapping_fn,
-            count_steps_by="agent_steps",
+            # Not "agent_steps": in 2.60 an agent id sampled in one iteration and absent from the
+            # next has a NaN step count there, and synchronous_parallel_sample's int() fails.
+            count_steps_by="env_steps",
         )
         .rl_module(
             rl_module_spec=MultiRLModuleSpec(
                 rl_module_specs={m: RLModuleSpec(model_config=model) for m in modules}
             ),
-            algorithm_config_overrides_per_module={
-                ROUTER: {"entropy_coeff": cfg.router_entropy_coeff}
-            },
+            algorithm_config_overrides_per_module=overrides,
         )
         .env_runners(
             num_env_runners=cfg.env_runners,
@@ -141,8 +163,9 @@ class RoutingMetrics(RLlibCallback):
     def on_episode_end(self, *, episode, env=None, env_index=0, metrics_logger=None, **kwargs):
         if metrics_logger is None:
             return
-        values = dict(_routing_env(env, env_index).summary)
-        entropy = _router_entropy(episode)
+        routing = _routing_env(env, env_index)
+        values = dict(routing.summary)
+        entropy = _router_entropy(episode, len(routing.experts)) if routing.routed else None
         if entropy is not None:
             values["router_entropy"] = entropy
         for key, value in values.items():
@@ -156,14 +179,15 @@ def _routing_env(env, index: int) -> RoutingEnv:
     return (envs[index] if envs is not None else env).unwrapped
 
 
-def _router_entropy(episode) -> float | None:
-    """Mean entropy (nats) of the router's action distribution over this episode chunk."""
+def _router_entropy(episode, n: int = K) -> float | None:
+    """Mean entropy (nats) of the router's action distribution (``n`` choices) over this episode
+    chunk."""
     logits = [
         np.asarray(sa.get_extra_model_outputs(Columns.ACTION_DIST_INPUTS), dtype=np.float64)
         for aid, sa in episode.agent_episodes.items()
         if aid.startswith("router_") and Columns.ACTION_DIST_INPUTS in sa.extra_model_outputs
     ]
-    logits = [x.reshape(-1, K) for x in logits if x.size]
+    logits = [x.reshape(-1, n) for x in logits if x.size]
     if not logits:
         return None
     logp = torch.log_softmax(torch.as_tensor(np.concatenate(logits)), dim=1)

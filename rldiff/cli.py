@@ -11,13 +11,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from rldiff import evaluate, pretrain
+    from rldiff import evaluate, pretrain, train
     from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
     pretrain.add_arguments(p)
     e = commands.add_parser("evaluate", help="every baseline at every NFE budget: table + plots")
     evaluate.add_arguments(e)
+    t = commands.add_parser(
+        "train", help="multi-agent PPO on the router + experts; export and evaluate the policy"
+    )
+    train.add_arguments(t)
 
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,6 +32,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = evaluate.config_from_args(args)
             evaluate.run_evaluation(cfg)
             print(f"report: {cfg.out / 'report.md'}")
+        elif args.command == "train":
+            out = train.run_training(
+                train.config_from_args(args),
+                args.out,
+                resume=args.resume,
+                evaluate=not args.no_evaluate,
+                eval_samples=args.eval_samples,
+                dashboard=args.dashboard,
+            )
+            print(f"policy: {out['policy']}")
+            if "evaluation" in out:
+                print(f"report: {args.out / 'evaluation' / 'report.md'}")
     except (FileNotFoundError, ValueError, ReferenceBankError) as err:  # no stack trace
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -87,8 +87,7 @@ class DiffusersDenoiser:
         return self
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-        labels = cond.labels.to(x.device)
-        w = cond.guidance.to(x.device)
+        labels, w, sigma = cond.labels.to(x.device), cond.guidance.to(x.device), sigma.to(x.device)
         if self.null_class is None:
             return self._x0(x, sigma, None)
         labels = torch.where(labels == UNCONDITIONAL, self.null_class, labels)
@@ -108,9 +107,9 @@ class DiffusersDenoiser:
     def _x0(
         self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor:
-        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        s = sigma.to(x.device, x.dtype).view(-1, 1, 1, 1)
         c_in = 1 / (s**2 + 1).sqrt()  # EDM x -> the VP input the network was trained on
-        t = self.noise.sigma_to_t(sigma.to(torch.float64)).to(torch.float32)
+        t = self.noise.sigma_to_t(sigma.cpu().to(torch.float64)).to(x.device, torch.float32)
         dtype = next(self.unet.parameters()).dtype
         out = self.unet((x * c_in).to(dtype), t, class_labels=labels).sample.to(x.dtype)
         if self.prediction_type == "epsilon":

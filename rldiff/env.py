@@ -8,6 +8,11 @@ expert acts, then ``Sampling.advance`` steps the whole batch with one ``Decision
 and every expert that acted on it get ``r = clip(log(rmse_base / rmse), -2, 2) - cost * nfe``, where
 ``rmse_base`` is what the base schedule with ``base_expert`` reaches from the same noise; all other
 rewards are 0 (RLlib adds a reward for an agent without an observation to its last action).
+
+``experts`` (env_config, default all) restricts the experts in play: with several, the router picks
+among them (router action ``j`` -> global expert ``experts[j]``; expert agent ids keep the global
+index); with ONE there is no router at all (the ``ppo-single`` ablation: step size only, one solver)
+and every env step is one sampler step in which that expert's agents act.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from rldiff.denoisers import UNCONDITIONAL, Condition
 from rldiff.metrics import rmse_per_sample
 from rldiff.models import load_model
 from rldiff.policies import Decision, Observation
-from rldiff.reference import DEFAULT_STEPS, load_or_build, model_fingerprint
+from rldiff.reference import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    DEFAULT_STEPS,
+    load_or_build,
+    model_fingerprint,
+)
 from rldiff.sampler import Sampling, sample
 from rldiff.seeds import initial_noise
 from rldiff.solvers import EXPERT_NAMES, EXPERTS, expert_index
@@ -42,6 +53,7 @@ ENV_DEFAULTS = {
     "budgets": [3, 4, 5, 6, 8, 10],  # NFE budgets, drawn per sample
     "cost_per_nfe": 0.0,  # a float, or a list drawn per sample
     "base_expert": "unipc",  # the solver of the base schedule that defines reward 0
+    "experts": None,  # expert names in play (None: all); one name: no router (step size only)
     "base_schedules": None,  # {budget: sigmas ending in 0}; None: the budget-aware logSNR split
     "step_range": 3.0,  # a step action of +-1 scales the base log-step by 3^+-1
     "reference_steps": DEFAULT_STEPS,
@@ -86,13 +98,25 @@ class WarmStart:
         return torch.where(remaining > 0, nxt, torch.zeros_like(nxt))
 
 
+def experts_in_use(names=None) -> list[int]:
+    """Global expert indices of ``names`` (None: all, in ``EXPERTS`` order)."""
+    if names is None:
+        return list(range(K))
+    if isinstance(names, str):
+        names = [names]
+    out = [expert_index(n) for n in names]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"experts must be distinct names, at least one: got {names!r}")
+    return out
+
+
 def decision_from_actions(obs: Observation, experts, actions, base: WarmStart) -> Decision:
     """The sampler decision for expert choices ``experts`` [b] and expert actions ``[b, 2]``.
 
     ``actions[:, 0]`` scales the base log-step: ``h = h_base * step_range ** a`` (``h_base`` is the
     distance to sigma_min when the base jumps to 0); the sample jumps to 0 when the step passes
-    below both sigma_min and the base point, or no NFE remains. ``actions[:, 1]`` gives the noise
-    amount ``eta = (a + 1) / 2`` of a stochastic expert (0 for the others). Zero actions reproduce
+    below both sigma_min and the base point, or no NFE remains, or it is at sigma_min already.
+    ``actions[:, 1]`` gives the noise amount ``eta = (a + 1) / 2`` of a stochastic expert (0 for the others). Zero actions reproduce
     the base schedule exactly (``sigma_next = base * exp(-0)``).
     """
     experts = torch.as_tensor(np.asarray(experts), dtype=torch.long).reshape(-1)
@@ -104,7 +128,7 @@ def decision_from_actions(obs: Observation, experts, actions, base: WarmStart) -
     dh = h_base * torch.expm1(a[:, 0] * math.log(base.step_range))  # h - h_base
     nxt = torch.where(jump, obs.sigma * torch.exp(-(h_base + dh)), base_next * torch.exp(-dh))
     floor = base_next.clamp(max=obs.sigma_min)  # below this, the step is a jump to 0
-    finish = (obs.budget <= obs.nfe) | (jump & (a[:, 0] >= 0)) | (nxt < floor)
+    finish = (obs.budget <= obs.nfe) | (jump & ((a[:, 0] >= 0) | (span <= 0))) | (nxt < floor)
     stochastic = torch.tensor([e.stochastic for e in EXPERTS])[experts]
     eta = torch.where(stochastic, (a[:, 1] + 1) / 2, torch.zeros_like(a[:, 1]))
     return Decision(experts, torch.where(finish, torch.zeros_like(nxt), nxt), eta)
@@ -124,7 +148,8 @@ class WarmStartPolicy:
 def observation_vector(obs: Observation, base_next: torch.Tensor, cost_per_nfe) -> np.ndarray:
     """Features ``[b, OBS_DIM]`` float32, the same for the router and the experts, in this order:
 
-    0 log sigma normalised to [0, 1] over [sigma_min, sigma_max]; 1 steps taken / 10;
+    0 log sigma normalised to [0, 1] over [sigma_min, sigma_max] (the remaining log-range
+    fraction); 1 steps taken / 10;
     2 NFE used (this step's evaluation included) / budget; 3 budget / 10;
     4 the base step's log-range fraction: log(sigma / base next) / log(sigma_max / sigma_min)
     (the remaining fraction when the base jumps to 0); 5 RMS change of the denoised estimate since
@@ -174,7 +199,8 @@ def training_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
     n, steps, fp = config["n_train"], config["reference_steps"], model_fingerprint(denoiser)[:12]
     seeds, out = list(range(n)), {}
     for g in map(float, config["guidance"]):
-        path = Path(config["cache"]) / f"reference-train-{fp}-{n}-g{g:g}-{steps}.parquet"
+        name = f"reference-train-{fp}-{n}-g{g:g}-{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{steps}"
+        path = Path(config["cache"]) / f"{name}.parquet"
         cond = Condition.make([s % 10 for s in seeds], g)
         out[g] = load_or_build(path, denoiser, seeds, cond, steps=steps, progress=False).x0
     return out
@@ -199,13 +225,16 @@ class RoutingEnv(MultiAgentEnv):
         self.references = training_references(self.denoiser, cfg)
         self.base = WarmStart.make(cfg["base_schedules"], cfg["step_range"])
         self.base_policy = WarmStartPolicy(cfg["base_expert"], self.base)
+        self.experts = experts_in_use(cfg["experts"])  # router action j -> expert experts[j]
+        self.routed = len(self.experts) > 1  # one expert: no router agents
         self._base_rmse: dict[tuple, float] = {}  # (seed, guidance, budget) -> base RMSE
         runner = [getattr(env_config, a, 0) for a in ("worker_index", "vector_index")]
         self._rng = np.random.default_rng([int(cfg["seed"]), *runner])
         obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
         expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        ids = [(f"router_{i}", gym.spaces.Discrete(K)) for i in range(self.batch_size)]
-        ids += [(f"expert{k}_{i}", expert_space) for i in range(self.batch_size) for k in range(K)]
+        n, ks = self.batch_size, self.experts
+        ids = [(f"router_{i}", gym.spaces.Discrete(len(ks))) for i in range(n) if self.routed]
+        ids += [(f"expert{k}_{i}", expert_space) for i in range(n) for k in ks]
         self.possible_agents = [aid for aid, _ in ids]
         self.agents = list(self.possible_agents)
         self.observation_spaces = {aid: obs_space for aid, _ in ids}
@@ -213,6 +242,8 @@ class RoutingEnv(MultiAgentEnv):
         self.summary: dict[str, float] = {}
 
     def reset(self, *, seed=None, options=None):
+        """Draws a batch (training seeds, guidance, budgets, costs); the routers (or, with one
+        expert, its agents) observe."""
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         cfg, b, rng = self.config, self.batch_size, self._rng
@@ -231,12 +262,13 @@ class RoutingEnv(MultiAgentEnv):
         return self._route(), {}
 
     def step(self, action_dict):
+        """Step A takes the routers' choices; step B the experts' actions, then samples (one
+        expert: step B only)."""
         rewards = {aid: 0.0 for aid in action_dict}
         running = {"__all__": False}
         if self.chosen is None:  # step A: the routers chose; the chosen experts observe next
-            self.chosen = [int(action_dict[f"router_{i}"]) for i in self.rows]
-            turn = zip(self.rows, self.chosen, self.vec, strict=True)
-            return {f"expert{k}_{i}": o for i, k, o in turn}, rewards, running, running, {}
+            self.chosen = [self.experts[int(action_dict[f"router_{i}"])] for i in self.rows]
+            return self._experts_observe(), rewards, running, running, {}
         turn = list(zip(self.rows, self.chosen, strict=True))  # step B: the experts acted
         actions = np.stack([action_dict[f"expert{k}_{i}"] for i, k in turn])
         applied = self.batch.advance(
@@ -249,7 +281,8 @@ class RoutingEnv(MultiAgentEnv):
         finished = self.obs.index[applied.sigma_next == 0].tolist()
         r = self._rewards() if finished else None
         for i in finished:  # the sample's router and every expert that acted on it share r
-            for aid in [f"router_{i}", *(f"expert{e}_{i}" for e in sorted(self.acted[i]))]:
+            router = [f"router_{i}"] if self.routed else []
+            for aid in [*router, *(f"expert{e}_{i}" for e in sorted(self.acted[i]))]:
                 rewards[aid], terminateds[aid] = float(r[i]), True
         if self.batch.done:
             self._summarise(r)
@@ -257,12 +290,20 @@ class RoutingEnv(MultiAgentEnv):
         return self._route(), rewards, terminateds, running, {}
 
     def _route(self) -> dict:
-        """Evaluates the denoiser for every unfinished sample; the routers observe."""
+        """Evaluates the denoiser for every unfinished sample; the routers observe (one expert:
+        its agents observe at once)."""
         self.obs, self.chosen = self.batch.observe(), None
         self.rows = self.obs.index.tolist()
         cost = self.cost[self.obs.index]
         self.vec = observation_vector(self.obs, self.base.sigma_next(self.obs), cost)
+        if not self.routed:
+            self.chosen = [self.experts[0]] * len(self.rows)
+            return self._experts_observe()
         return {f"router_{i}": o for i, o in zip(self.rows, self.vec, strict=True)}
+
+    def _experts_observe(self) -> dict:
+        turn = zip(self.rows, self.chosen, self.vec, strict=True)
+        return {f"expert{k}_{i}": o for i, k, o in turn}
 
     def _base(self, guidance: list[float]) -> torch.Tensor:
         """Base RMSE per sample: cached per (seed, guidance, budget), the misses run as one batch."""

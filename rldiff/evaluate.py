@@ -58,14 +58,19 @@ class PolicySpec:
     """A picklable description of one policy at one budget."""
 
     name: str
-    family: str  # hand-built | global | adaptive
+    family: str  # hand-built | global | adaptive | learned
     solver: str
     budget: int
     schedule: str = ""
     sigmas: tuple[float, ...] = ()
     tol: float = 0.0
+    path: str = ""  # learned: an exported policy directory (rldiff.learned_policy)
 
     def build(self, noise_table):
+        if self.family == "learned":
+            from rldiff.learned_policy import LearnedPolicy
+
+            return LearnedPolicy.load(self.path, name=self.name)
         if self.family in ("hand-built", "model"):
             return fixed_policy(self.solver, self.schedule, self.budget, noise_table)
         if self.family == "global":
@@ -94,8 +99,9 @@ def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> S
     return SeedSet(seeds, cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))
 
 
-def run_evaluation(cfg: EvaluateConfig) -> list[dict]:
-    """Runs the whole protocol and writes the outputs to ``cfg.out``; returns the result rows."""
+def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
+    """Runs the whole protocol and writes the outputs to ``cfg.out``; returns the result rows.
+    ``extra_specs``: more ``PolicySpec``s scored beside the baselines (e.g. a learned policy)."""
     from rldiff.report import write_report
 
     torch.set_num_threads(1)
@@ -106,15 +112,16 @@ def run_evaluation(cfg: EvaluateConfig) -> list[dict]:
     evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
     train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
     schedules = optimise_global_schedules(cfg, denoiser, train, use_ray)
-    specs = policy_specs(cfg, schedules)
+    specs = policy_specs(cfg, schedules) + list(extra_specs)
     context = (denoiser, evaluation, DigitMetrics())
     results = parallel_map(_score, specs, context, use_ray, desc="policies")
     rows = [row for row, _ in results]
     grids = {row["policy"] + f"@{row['budget']}": x for row, x in results}
     quality, _ = _score(MODEL_CHECK, context)  # the model itself, sampled accurately
+    floor = asdict(context[2].real_floor())
+    quality["fd_at_floor_n"] = _fd_of_first(MODEL_CHECK, context, floor["count"])
     pq.write_table(pa.Table.from_pylist(rows), cfg.out / "results.parquet")
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
-    floor = asdict(context[2].real_floor())
     (cfg.out / "summary.json").write_text(json.dumps({"floor": floor, "model": quality}, indent=2))
     write_report(cfg.out, rows, grids, floor, evaluation.reference[:GRID_SAMPLES], quality)
     return rows
@@ -138,7 +145,8 @@ def policy_specs(cfg: EvaluateConfig, schedules: dict) -> list[PolicySpec]:
 
 def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
     """The per-budget global schedule of every solver, cached per model and search setting."""
-    key = f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{cfg.search}"
+    reference = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
+    key = f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{reference}-{cfg.search}"
     path = cfg.cache / "global-schedules.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     todo = [
@@ -198,6 +206,15 @@ def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
         "sigmas": json.dumps([round(s, 5) for s in _first_schedule(result)]),
     }
     return row, x0[:GRID_SAMPLES]
+
+
+def _fd_of_first(spec: PolicySpec, context, n: int) -> float:
+    """FD of the first ``n`` samples: the floor's sample size, since FD shrinks as n grows."""
+    denoiser, ev, metrics = context
+    first = slice(0, min(n, len(ev.seeds)))
+    policy = spec.build(denoiser.noise)
+    x0 = sample(denoiser, policy, ev.noise[first], ev.cond[first], spec.budget).x0
+    return float(metrics.fd(x0.clamp(-1, 1)))
 
 
 def _first_schedule(result) -> list[float]:

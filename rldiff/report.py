@@ -51,12 +51,14 @@ def _markdown(rows, families, floor, model) -> str:
         "noise. RMSE on the [-1, 1] pixel scale. FD: Fréchet distance on the shipped digit "
         "classifier's features.",
         "",
-        f"**Floors** (real held-out digits vs the training statistics): FD {floor['fd']:.2f}, "
-        f"confidence {floor['confidence']:.3f}.",
+        f"**Floors** (the {floor['count']} real held-out digits vs the training statistics): FD "
+        f"{floor['fd']:.2f}, confidence {floor['confidence']:.3f}. FD falls as the sample count "
+        "grows, so compare FDs at equal counts.",
         "",
         f"**The model** sampled accurately (`{model['policy']}`, {model['mean_nfe']:.0f} NFE): FD "
-        f"{model['fd']:.2f} ({model['fd'] / floor['fd']:.2f}× the floor), confidence "
-        f"{model['confidence']:.3f}, RMSE to the reference {model['rmse_mean']:.4f}.",
+        f"{model['fd']:.2f} on {model['n_samples']} samples, {model['fd_at_floor_n']:.2f} on "
+        f"{floor['count']} like the floor ({model['fd_at_floor_n'] / floor['fd']:.2f}× the floor); "
+        f"confidence {model['confidence']:.3f}; RMSE to the reference {model['rmse_mean']:.4f}.",
         "",
         "## Best policy of each family per budget",
         "",

@@ -224,7 +224,8 @@ class _Last:
 
     def update(self, rows, denoised, sigma, decision):
         if self.denoised is None:
-            self.denoised = torch.zeros(len(self.h), *denoised.shape[1:], dtype=denoised.dtype)
+            self.denoised = torch.zeros_like(denoised[:1]).expand(len(self.h), *denoised.shape[1:])
+            self.denoised = self.denoised.clone()
         self.denoised[rows] = denoised
         nxt = decision.sigma_next
         self.h[rows] = torch.where(
@@ -238,7 +239,7 @@ def _observe(rows, step, sigma, denoised, run, last, denoiser) -> Observation:
     if last.denoised is None:
         change = torch.zeros(len(rows), dtype=torch.float64)
     else:
-        change = (flat - last.denoised[rows].flatten(1)).pow(2).mean(1).sqrt()
+        change = (flat - last.denoised[rows].flatten(1)).pow(2).mean(1).sqrt().cpu()
     return Observation(
         index=rows,
         step=torch.full((len(rows),), step, dtype=torch.long),
@@ -246,7 +247,7 @@ def _observe(rows, step, sigma, denoised, run, last, denoiser) -> Observation:
         nfe=run.nfe[rows],
         budget=run.budget[rows],
         denoised_change=change,
-        denoised_rms=flat.pow(2).mean(1).sqrt(),
+        denoised_rms=flat.pow(2).mean(1).sqrt().cpu(),
         last_h=last.h[rows],
         last_expert=last.expert[rows],
         labels=run.cond.labels[rows],

@@ -33,9 +33,9 @@ class History:
     def empty(cls, batch: int, shape: tuple[int, ...], dtype: torch.dtype, device=None) -> History:
         return cls(
             torch.zeros(batch, HISTORY, *shape, dtype=dtype, device=device),
-            torch.zeros(batch, HISTORY, dtype=torch.float64, device=device),
+            torch.zeros(batch, HISTORY, dtype=torch.float64),  # bookkeeping stays on the CPU
             torch.zeros(batch, *shape, dtype=dtype, device=device),
-            torch.zeros(batch, dtype=torch.bool, device=device),
+            torch.zeros(batch, dtype=torch.bool),
         )
 
     @property
@@ -53,8 +53,8 @@ class History:
 
 
 def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample scalar [B], shaped to broadcast against ``like`` [B, ...]."""
-    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    """A per-sample scalar [B], shaped to broadcast against ``like`` [B, ...] (on its device)."""
+    return v.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def euler(x, sigma, sigma_next, denoised, history, eta, noise):

@@ -1,0 +1,243 @@
+"""The routing env (RLlib's multi-agent checks, budgets, warm start, reward) and a PPO smoke run."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rldiff.env import (
+    OBS_DIM,
+    K,
+    RoutingEnv,
+    WarmStart,
+    WarmStartPolicy,
+    decision_from_actions,
+)
+from rldiff.policies import FixedSchedulePolicy
+from rldiff.sampler import sample
+from rldiff.schedules import get_schedule
+from rldiff.solvers import EXPERT_NAMES, expert_index
+
+UNIPC = expert_index("unipc")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the test session, listening on 127.0.0.1 only."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # must precede Ray's start
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def env_config(tmp_path_factory):
+    return {
+        "model": "gmm",
+        "batch_size": 12,
+        "n_train": 24,
+        "cache": str(tmp_path_factory.mktemp("rldiff-cache")),
+        "reference_steps": 100,
+    }
+
+
+def rollout(env, router, expert_action, seed=0):
+    """Runs one episode; ``router(aid)`` / ``expert_action(aid)`` pick the actions."""
+    obs, _ = env.reset(seed=seed)
+    returns, terminated, steps = {}, set(), 0
+    while True:
+        actions = {
+            aid: router(aid) if aid.startswith("router_") else expert_action(aid) for aid in obs
+        }
+        assert not terminated & set(actions), "a finished agent acted"
+        obs, rewards, terms, truncs, _ = env.step(actions)
+        steps += 1
+        for aid, r in rewards.items():
+            returns[aid] = returns.get(aid, 0.0) + r
+        terminated |= {aid for aid, t in terms.items() if t and aid != "__all__"}
+        assert not truncs["__all__"]
+        if terms["__all__"]:
+            return returns, terminated, steps
+
+
+def test_passes_rllib_multiagent_checks(env_config):
+    from ray.rllib.utils.pre_checks.env import check_multiagent_environments
+
+    env = RoutingEnv(env_config)
+    check_multiagent_environments(env)
+    assert len(env.possible_agents) == env.batch_size * (1 + K)
+    assert env.observation_spaces["router_0"].shape == (OBS_DIM,)
+    assert env.action_spaces["router_0"].n == K
+    assert env.action_spaces[f"expert{K - 1}_0"].shape == (2,)
+
+
+def test_random_rollout_respects_budgets(env_config):
+    env = RoutingEnv(env_config)
+    space = env.action_spaces
+    returns, terminated, steps = rollout(
+        env, lambda a: space[a].sample(), lambda a: space[a].sample(), seed=3
+    )
+    assert env.batch.done and steps % 2 == 0
+    assert (env.batch.nfe <= env.budget).all() and (env.batch.nfe >= 1).all()
+    assert all(s < env_config["n_train"] for s in env.seeds)  # training seeds only
+    for i in range(env.batch_size):  # the router and each acting expert end with the same reward
+        assert f"router_{i}" in terminated
+        shared = {returns[a] for a in terminated if a.endswith(f"_{i}")}
+        assert len(shared) == 1 and -2.0 <= shared.pop() <= 2.0
+    usage = [env.summary[f"expert_usage/{n}"] for n in EXPERT_NAMES]
+    assert sum(usage) == pytest.approx(1.0) and env.summary["nfe_mean"] <= 10
+
+
+@pytest.mark.parametrize("schedules", [None, "karras"])
+def test_zero_actions_reproduce_the_base_schedule(env_config, schedules):
+    """Router on the base expert, zero expert actions: the base schedule itself, reward -cost*NFE."""
+    budgets = env_config.get("budgets", [3, 4, 5, 6, 8, 10])
+    env = RoutingEnv(env_config)
+    noise_table = env.denoiser.noise
+    table = {b: get_schedule(schedules or "logsnr-uniform", b, noise_table) for b in budgets}
+    cfg = {**env_config, "cost_per_nfe": 0.01}
+    if schedules:
+        cfg["base_schedules"] = {str(b): s.tolist() for b, s in table.items()}  # JSON-ish keys
+    env = RoutingEnv(cfg)
+    returns, _, _ = rollout(env, lambda a: UNIPC, lambda a: np.zeros(2, np.float32))
+    x0 = env.batch.x
+
+    base = sample(env.denoiser, env.base_policy, env.noise, env.cond, env.budget, env.seeds)
+    assert torch.equal(x0, base.x0)  # the same rule, the same numbers
+    width = max(len(s) for s in table.values())
+    padded = torch.stack(
+        [torch.nn.functional.pad(table[b], (0, width - len(table[b]))) for b in env.budget.tolist()]
+    )
+    fixed = sample(
+        env.denoiser, FixedSchedulePolicy("unipc", padded), env.noise, env.cond, env.budget
+    )
+    assert torch.equal(env.batch.nfe, env.budget)
+    if schedules:  # sigma_next = base * exp(-0): bit for bit
+        assert torch.equal(x0, fixed.x0)
+    else:  # exp(-h) steps vs a linspace in log sigma: equal up to rounding
+        torch.testing.assert_close(x0, fixed.x0, rtol=0, atol=1e-5)
+    expected = -0.01 * env.budget.double()
+    for i in range(env.batch_size):
+        assert returns[f"router_{i}"] == pytest.approx(float(expected[i]), abs=1e-9)
+        assert returns[f"expert{UNIPC}_{i}"] == pytest.approx(float(expected[i]), abs=1e-9)
+
+
+def test_step_action_scales_the_log_step(env_config):
+    env = RoutingEnv(env_config)
+    env.reset(seed=1)
+    obs, b = env.obs, env.batch_size
+    base_next = WarmStart().sigma_next(obs)
+    h_base = (obs.sigma / base_next).log()
+    span = (obs.sigma / obs.sigma_min).log()
+    for a, factor in [(1.0, 3.0), (-1.0, 1 / 3), (0.5, 3**0.5)]:
+        actions = np.tile([a, 0.0], (b, 1))
+        d = decision_from_actions(obs, [UNIPC] * b, actions, WarmStart())
+        inside = h_base * factor < span * (1 - 1e-9)  # a step past sigma_min jumps to 0
+        assert (d.sigma_next[~inside] == 0).all() and inside.any()
+        torch.testing.assert_close(
+            (obs.sigma / d.sigma_next).log()[inside], (h_base * factor)[inside]
+        )
+    stochastic = decision_from_actions(obs, [K - 1] * b, np.tile([0.0, 0.5], (b, 1)), WarmStart())
+    assert torch.allclose(stochastic.noise, torch.full((b,), 0.75, dtype=torch.float64))
+    policy = WarmStartPolicy("unipc", WarmStart())
+    assert torch.equal(policy.act(obs).sigma_next, base_next)
+
+
+def test_ppo_smoke_two_iterations(ray_local, env_config):
+    from rldiff.algo import TrainConfig, build_config, policy_mapping_fn
+
+    assert policy_mapping_fn("router_3", None) == "router"
+    assert policy_mapping_fn("expert4_11", None) == "expert_4"
+    start = time.perf_counter()
+    cfg = TrainConfig(
+        model="gmm",
+        batch_size=8,
+        n_train=env_config["n_train"],
+        cache=env_config["cache"],
+        reference_steps=env_config["reference_steps"],
+        env_runners=0,
+        hidden=(32, 32),
+        train_batch_size=64,
+        minibatch_size=64,
+        num_epochs=1,
+        cost_per_nfe=(0.0, 0.01),
+    )
+    algo = build_config(cfg).build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    assert time.perf_counter() - start < 60
+    metrics = results[-1]["env_runners"]["rldiff"]
+    for key in ("rmse_mean", "rmse_base_mean", "nfe_mean", "reward_mean", "router_entropy"):
+        assert np.isfinite(metrics[key]), key
+    usage = [metrics["expert_usage"][n] for n in EXPERT_NAMES]
+    assert sum(usage) == pytest.approx(1.0)
+    assert 0 < metrics["router_entropy"] <= np.log(K) + 1e-6
+    assert "router" in results[-1]["learners"]
+
+
+def test_single_expert_has_no_router(env_config):
+    """experts=["unipc"]: only unipc's agents, one env step per sampler step, zero actions = base."""
+    from ray.rllib.utils.pre_checks.env import check_multiagent_environments
+
+    env = RoutingEnv({**env_config, "experts": ["unipc"]})
+    check_multiagent_environments(env)
+    assert env.possible_agents == [f"expert{UNIPC}_{i}" for i in range(env.batch_size)]
+    obs, _ = env.reset(seed=0)
+    assert set(obs) == set(env.possible_agents)
+    returns, terminated, steps = rollout(env, None, lambda a: np.zeros(2, np.float32))
+    assert terminated == set(env.possible_agents) and steps == len(env.batch.steps)
+    assert torch.equal(env.batch.nfe, env.budget)
+    base = sample(env.denoiser, env.base_policy, env.noise, env.cond, env.budget, env.seeds)
+    assert torch.equal(env.batch.x, base.x0)
+    # 0 up to rounding: the cached base RMSE may come from a differently composed batch
+    assert max(map(abs, returns.values())) < 1e-5
+    assert env.summary["expert_usage/unipc"] == 1.0
+
+
+def test_expert_subset_maps_router_actions(env_config):
+    env = RoutingEnv({**env_config, "experts": ["heun", "euler"]})
+    assert env.action_spaces["router_0"].n == 2
+    assert {a.split("_")[0] for a in env.possible_agents} == {"router", "expert3", "expert0"}
+    rollout(env, lambda a: 1, lambda a: np.zeros(2, np.float32))  # router action 1 -> euler
+    assert env.summary["expert_usage/euler"] == 1.0
+
+
+def test_ppo_single_expert_smoke(ray_local, env_config):
+    from rldiff.algo import TrainConfig, build_config, module_ids
+
+    assert module_ids(["unipc"]) == (f"expert_{UNIPC}",)
+    assert module_ids(["unipc", "euler"]) == ("router", f"expert_{UNIPC}", "expert_0")
+    cfg = TrainConfig(
+        model="gmm",
+        batch_size=8,
+        n_train=env_config["n_train"],
+        cache=env_config["cache"],
+        reference_steps=env_config["reference_steps"],
+        experts=("unipc",),
+        env_runners=0,
+        hidden=(32, 32),
+        train_batch_size=32,
+        minibatch_size=32,
+        num_epochs=1,
+    )
+    config = build_config(cfg)
+    assert set(config.rl_module_spec.rl_module_specs) == {f"expert_{UNIPC}"}
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    metrics = results[-1]["env_runners"]["rldiff"]
+    assert metrics["expert_usage"]["unipc"] == pytest.approx(1.0)
+    assert "router_entropy" not in metrics and np.isfinite(metrics["reward_mean"])
+    assert set(results[-1]["learners"]) >= {f"expert_{UNIPC}"}
+    assert "router" not in results[-1]["learners"]

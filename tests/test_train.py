@@ -1,0 +1,232 @@
+"""The training job end to end on the exact mixture model at a tiny size: checkpoints, TensorBoard,
+resume, the exported policy (same actions as inside RLlib) and its evaluation."""
+
+import json
+import shutil
+import struct
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_env import ray_local  # noqa: F401  (the session's one local Ray, on 127.0.0.1)
+
+from rldiff.algo import TrainConfig
+from rldiff.cli import main
+from rldiff.global_schedule import SearchConfig
+from rldiff.learned_policy import LearnedPolicy, expert_mean, router_choice
+from rldiff.models import load_model
+from rldiff.sampler import Sampling, sample
+from rldiff.seeds import initial_noise
+from rldiff.solvers import EXPERT_NAMES, expert_index
+from rldiff.train import run_training
+
+BUDGETS = (4, 6)
+EVAL_OVERRIDES = {  # a small protocol: the point here is the plumbing, not the numbers
+    "n_train": 16,
+    "search": SearchConfig(rounds=1),
+    "solvers": ("euler", "unipc"),
+    "schedules": ("karras", "logsnr-uniform"),
+    "global_solvers": ("unipc",),
+    "ray": "off",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A TrainConfig that trains in about a second per iteration, in the driver."""
+    return TrainConfig(
+        model="gmm",
+        batch_size=8,
+        budgets=BUDGETS,
+        n_train=24,
+        reference_steps=60,
+        cache=str(tmp_path_factory.mktemp("train-cache")),
+        hidden=(32, 32),
+        train_batch_size=64,
+        minibatch_size=64,
+        num_epochs=1,
+        env_runners=0,
+        iterations=2,
+        checkpoint_every=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tiny, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("train")
+    summary = run_training(tiny, out, evaluate=True, eval_samples=16, eval_overrides=EVAL_OVERRIDES)
+    return out, summary
+
+
+def event_tags(directory) -> dict[str, list[int]]:
+    """Scalar tags -> steps in the TensorBoard event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags: dict[str, list[int]] = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+            i += 12 + n + 4
+    return tags
+
+
+def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained):
+    out, summary = trained
+    assert summary["iteration"] == 2 and summary["iterations_run"] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0001", "iter_0002"]
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in progress] == [1, 2]
+    tags = event_tags(out / "tensorboard")
+    assert tags["rldiff/rmse_mean"] == [1, 2]
+    assert {"losses/router/policy_loss", "losses/expert_2/policy_loss"} <= set(tags)
+    assert {f"charts/expert_usage/{n}" for n in EXPERT_NAMES} <= set(tags)
+
+    spec = json.loads((out / "policy" / "policy.json").read_text())
+    assert [e["name"] for e in spec["experts"]] == list(EXPERT_NAMES) and spec["router"]
+    assert sorted(spec["warm_start"]["schedules"]) == [str(b) for b in BUDGETS]
+    assert spec["training"]["iteration"] == 2
+    assert (out / "policy" / "modules" / "router").is_dir()
+    assert json.loads((out / "train_config.json").read_text())["base_schedules"]
+
+    rows = pq.read_table(out / "evaluation" / "results.parquet").to_pylist()
+    learned = [r for r in rows if r["policy"] == "moe"]
+    assert sorted(r["budget"] for r in learned) == list(BUDGETS)
+    assert all(r["family"] == "learned" and r["max_nfe"] <= r["budget"] for r in learned)
+    assert "| learned | `moe` |" in (out / "evaluation" / "report.md").read_text()
+    for name in ("pareto.png", "schedules.png"):
+        assert (out / "evaluation" / name).stat().st_size > 0
+
+
+def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path):  # noqa: F811
+    import dataclasses
+
+    kwargs = {"evaluate": False, "eval_overrides": EVAL_OVERRIDES}  # the cached base schedules
+    first = run_training(dataclasses.replace(tiny, iterations=1), tmp_path, **kwargs)
+    assert first["iterations_run"] == [1]
+    shutil.rmtree(tmp_path / "policy")  # as if killed after the checkpoint
+    resumed = run_training(tiny, tmp_path, resume=True, **kwargs)
+    assert resumed["iterations_run"] == [2] and resumed["iteration"] == 2
+    progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in progress] == [1, 2]
+    assert progress[1]["env_steps"] > progress[0]["env_steps"]  # the counters carried on
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "iter_0001",
+        "iter_0002",
+    ]
+    assert (
+        json.loads((tmp_path / "policy" / "policy.json").read_text())["training"]["iteration"] == 2
+    )
+
+
+def test_a_fresh_run_never_mixes_with_old_checkpoints(trained, tiny):
+    out, _ = trained
+    with pytest.raises(ValueError, match="holds checkpoints already"):
+        run_training(tiny, out)
+
+
+def observations(policy, budgets, steps: int):
+    """Observations of a small batch at its first ``steps`` steps, stepped by ``policy``."""
+    denoiser = load_model("gmm")
+    seeds = list(range(2_000_000, 2_000_012))
+    noise = initial_noise(seeds, (1, 16, 16))
+    from rldiff.denoisers import Condition
+
+    batch = Sampling(denoiser, noise, Condition.make([s % 10 for s in seeds]), budgets, seeds)
+    for _ in range(steps):
+        obs = batch.observe()
+        yield obs
+        batch.advance(policy.act(obs))
+
+
+def test_standalone_policy_acts_like_the_modules_inside_the_algorithm(trained):
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    out, summary = trained
+    policy = LearnedPolicy.load(out / "policy")
+    algo = Algorithm.from_checkpoint(summary["checkpoint"])
+    try:
+        budgets = torch.tensor([4, 6] * 6)
+        for obs in observations(policy, budgets, steps=3):
+            x = policy.observe(obs)
+            with torch.no_grad():
+                choice = router_choice(algo.get_module("router"), x)
+                means = {k: expert_mean(algo.get_module(f"expert_{k}"), x) for k in range(5)}
+            decision = policy.act(obs)
+            assert torch.equal(decision.expert, choice)  # router action j is expert j here
+            for k in decision.expert.unique().tolist():
+                rows = decision.expert == k
+                mine = policy.expert_modules[k]
+                with torch.no_grad():
+                    torch.testing.assert_close(expert_mean(mine, x[rows]), means[k][rows])
+            assert ((decision.confidence >= 1 / 5 - 1e-9) & (decision.confidence <= 1)).all()
+    finally:
+        algo.stop()
+
+
+def test_learned_policy_respects_budgets_in_the_sampler(trained):
+    out, _ = trained
+    policy = LearnedPolicy.load(out / "policy")
+    denoiser = load_model("gmm")
+    seeds = list(range(3_000_000, 3_000_016))
+    budgets = torch.tensor([4, 6] * 8)
+    from rldiff.denoisers import Condition
+
+    result = sample(
+        denoiser,
+        policy,
+        initial_noise(seeds, (1, 16, 16)),
+        Condition.make([s % 10 for s in seeds]),
+        budgets,
+        seeds,
+    )
+    assert (result.nfe <= budgets).all() and torch.isfinite(result.x0).all()
+    steps = result.schedule(0)
+    assert steps[-1]["sigma_next"] == 0 and "confidence" in steps[0]
+
+
+def test_single_expert_policy_needs_no_router(trained, tmp_path):
+    out, _ = trained
+    shutil.copytree(out / "policy", tmp_path / "policy")
+    path = tmp_path / "policy" / "policy.json"
+    spec = json.loads(path.read_text())
+    spec["router"], spec["experts"] = None, [e for e in spec["experts"] if e["name"] == "unipc"]
+    path.write_text(json.dumps(spec))
+    policy = LearnedPolicy.load(tmp_path / "policy")
+    for obs in observations(policy, torch.tensor([6] * 12), steps=2):
+        decision = policy.act(obs)
+        assert (decision.expert == expert_index("unipc")).all()
+        assert (decision.confidence == 1).all()
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an exported policy"):
+        LearnedPolicy.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--iterations", "3"], "--out"),
+        (["train", "--out", "x", "--iterations", "0"], "positive integer"),
+        (["train", "--out", "x", "--budgets", "4,a"], "positive integer"),
+        (["train", "--out", "x", "--base-expert", "rk4"], "invalid choice"),
+        (["train", "--out", "x", "--experts", "euler,rk4"], "unknown"),
+        (["train", "--out", "x", "--cost-per-nfe", "-1"], "non-negative"),
+    ],
+)
+def test_bad_train_arguments_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
+    code = main(["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
