@@ -92,8 +92,9 @@ class SeedSet:
 def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> SeedSet:
     seeds = list(range(offset, offset + n))
     cond = Condition.make([s % 10 for s in seeds], cfg.guidance)
+    model = model_fingerprint(denoiser)[:12]
     solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
-    path = cfg.cache / f"reference-{name}-{n}-g{cfg.guidance:g}-{solve}.parquet"
+    path = cfg.cache / f"reference-{model}-{name}-{n}-g{cfg.guidance:g}-{solve}.parquet"
     ref = load_or_build(path, denoiser, seeds, cond, steps=cfg.reference_steps)
     shape = tuple(ref.x0.shape[1:])
     return SeedSet(seeds, cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))

@@ -47,7 +47,7 @@ class LearnedPolicy:
         the trade-off the policy observes; it must lie in the range it was trained on)."""
         from ray.rllib.core.rl_module.rl_module import RLModule
 
-        directory = Path(directory)
+        directory = Path(directory).resolve()  # RLModule.from_checkpoint fails on relative paths
         path = directory / "policy.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: not an exported policy directory")

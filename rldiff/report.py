@@ -84,7 +84,7 @@ def _markdown(rows, families, floor, model) -> str:
             lines.append(
                 f"- {budget} NFE: `{glob[budget]['policy']}` RMSE {glob[budget]['rmse_mean']:.4f}"
                 f" vs `{hand[budget]['policy']}` {hand[budget]['rmse_mean']:.4f}: "
-                f"{100 * gain:+.0f} % lower error"
+                f"{100 * gain:.0f} % lower error"
             )
     lines += [
         "",

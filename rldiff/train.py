@@ -105,8 +105,7 @@ def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> dict[int, 
     from rldiff.evaluate import optimise_global_schedules
     from rldiff.parallel import connect_ray
 
-    search = dataclasses.replace(ev, budgets=tuple(sorted(cfg.budgets)))
-    search = dataclasses.replace(search, global_solvers=(cfg.base_expert,))
+    search = dataclasses.replace(ev, global_solvers=(cfg.base_expert,))  # ev: cfg's budgets
     train = seed_set(search, denoiser, 0, search.n_train, "train")
     found = optimise_global_schedules(search, denoiser, train, connect_ray(search.ray))
     return {b: found[(cfg.base_expert, b)].tolist() for b in search.budgets}
@@ -131,7 +130,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
         algo = build_config(cfg).build_algo()
         _truncate_progress(out / "progress.jsonl", 0)
     else:
-        algo = Algorithm.from_checkpoint(str(checkpoint))
+        algo = Algorithm.from_checkpoint(str(checkpoint.resolve()))  # a relative path fails
         print(f"resumed from {checkpoint} at iteration {algo.iteration}")
         _truncate_progress(out / "progress.jsonl", algo.iteration)
     modules = module_ids(cfg.env_config().get("experts"))
@@ -173,6 +172,10 @@ def _iteration_row(result: dict, modules, seconds: float) -> dict:
     }
     if custom.get("rmse_base_mean"):
         row["rldiff/rmse_vs_base"] = custom.get("rmse_mean", math.nan) / custom["rmse_base_mean"]
+    timers = result.get("timers", {})
+    for key, name in (("env_runner_sampling_timer", "sample"), ("learner_update_timer", "learn")):
+        if key in timers:  # RLlib's smoothed timers: where an iteration's time goes
+            row[f"charts/{name}_seconds"] = float(timers[key])
     returns = runners.get("module_episode_returns_mean", {})
     for m in modules:
         learner = result.get("learners", {}).get(m, {})
@@ -238,6 +241,7 @@ def plot_schedules(policy, ev: EvaluateConfig, denoiser, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     from rldiff.sampler import sample
 
@@ -258,6 +262,7 @@ def plot_schedules(policy, ev: EvaluateConfig, denoiser, path: Path) -> None:
                 range(len(sigma)), sigma, s=12, c=[colours(s["expert"]) for s in steps], zorder=2
             )
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_title(f"{budget} NFE (mean {run.nfe.float().mean():.2f})", fontsize=9)
     axes[0, 0].set_ylabel("sigma at the step's start")

@@ -30,3 +30,17 @@ def small_gmm():
     a = torch.randn(3, 4, 4, generator=g, dtype=torch.float64) * 0.4
     covs = a @ a.transpose(1, 2) + 0.05 * torch.eye(4, dtype=torch.float64)
     return GaussianMixtureDenoiser(means, covs, torch.tensor([0.5, 0.3, 0.2]))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the test session, listening on 127.0.0.1 only."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # must precede Ray's start
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,6 +1,5 @@
 """The routing env (RLlib's multi-agent checks, budgets, warm start, reward) and a PPO smoke run."""
 
-import os
 import time
 
 import numpy as np
@@ -21,20 +20,6 @@ from rldiff.schedules import get_schedule
 from rldiff.solvers import EXPERT_NAMES, expert_index
 
 UNIPC = expert_index("unipc")
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the test session, listening on 127.0.0.1 only."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # must precede Ray's start
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

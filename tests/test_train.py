@@ -4,11 +4,11 @@ resume, the exported policy (same actions as inside RLlib) and its evaluation.""
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_env import ray_local  # noqa: F401  (the session's one local Ray, on 127.0.0.1)
 
 from rldiff.algo import TrainConfig
 from rldiff.cli import main
@@ -52,7 +52,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tiny, tmp_path_factory):  # noqa: F811
+def trained(ray_local, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     summary = run_training(tiny, out, evaluate=True, eval_samples=16, eval_overrides=EVAL_OVERRIDES)
     return out, summary
@@ -101,25 +101,23 @@ def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained):
         assert (out / "evaluation" / name).stat().st_size > 0
 
 
-def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path):  # noqa: F811
+def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monkeypatch):
     import dataclasses
 
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")  # relative, as typed on a command line
     kwargs = {"evaluate": False, "eval_overrides": EVAL_OVERRIDES}  # the cached base schedules
-    first = run_training(dataclasses.replace(tiny, iterations=1), tmp_path, **kwargs)
+    first = run_training(dataclasses.replace(tiny, iterations=1), out, **kwargs)
     assert first["iterations_run"] == [1]
-    shutil.rmtree(tmp_path / "policy")  # as if killed after the checkpoint
-    resumed = run_training(tiny, tmp_path, resume=True, **kwargs)
+    shutil.rmtree(out / "policy")  # as if killed after the checkpoint
+    resumed = run_training(tiny, out, resume=True, **kwargs)
     assert resumed["iterations_run"] == [2] and resumed["iteration"] == 2
-    progress = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in progress] == [1, 2]
     assert progress[1]["env_steps"] > progress[0]["env_steps"]  # the counters carried on
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "iter_0001",
-        "iter_0002",
-    ]
-    assert (
-        json.loads((tmp_path / "policy" / "policy.json").read_text())["training"]["iteration"] == 2
-    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0001", "iter_0002"]
+    policy = json.loads((out / "policy" / "policy.json").read_text())
+    assert policy["training"]["iteration"] == 2
 
 
 def test_a_fresh_run_never_mixes_with_old_checkpoints(trained, tiny):
@@ -188,14 +186,15 @@ def test_learned_policy_respects_budgets_in_the_sampler(trained):
     assert steps[-1]["sigma_next"] == 0 and "confidence" in steps[0]
 
 
-def test_single_expert_policy_needs_no_router(trained, tmp_path):
+def test_single_expert_policy_needs_no_router(trained, tmp_path, monkeypatch):
     out, _ = trained
     shutil.copytree(out / "policy", tmp_path / "policy")
     path = tmp_path / "policy" / "policy.json"
     spec = json.loads(path.read_text())
     spec["router"], spec["experts"] = None, [e for e in spec["experts"] if e["name"] == "unipc"]
     path.write_text(json.dumps(spec))
-    policy = LearnedPolicy.load(tmp_path / "policy")
+    monkeypatch.chdir(tmp_path)
+    policy = LearnedPolicy.load("policy")  # a relative path, too
     for obs in observations(policy, torch.tensor([6] * 12), steps=2):
         decision = policy.act(obs)
         assert (decision.expert == expert_index("unipc")).all()
