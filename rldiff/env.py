@@ -85,17 +85,38 @@ class WarmStart:
         if self.schedules is None:  # AdaptivePolicy's floor: this step and `remaining` more
             span = (obs.sigma / obs.sigma_min).log()
             nxt = torch.where(span > 0, obs.sigma * torch.exp(-span / (remaining + 1)), 0.0)
-        else:  # the schedule's first point below the current sigma
+        else:  # one base step further along the schedule than where the sample is now
             nxt = torch.zeros_like(obs.sigma)
             for b in obs.budget.unique().tolist():
                 if b not in self.schedules:
                     raise KeyError(
                         f"no base schedule for budget {b}: have {sorted(self.schedules)}"
                     )
-                rows, table = obs.budget == b, self.schedules[b]
-                idx = (table[None] >= obs.sigma[rows, None] * (1 - 1e-9)).sum(1)
-                nxt[rows] = table[idx.clamp_max(len(table) - 1)]
+                rows = obs.budget == b
+                nxt[rows] = one_step_along(self.schedules[b], obs.sigma[rows])
         return torch.where(remaining > 0, nxt, torch.zeros_like(nxt))
+
+
+def one_step_along(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The sigma one step after each ``sigma``'s fractional position on the schedule ``table``
+    (decreasing, ending in 0), interpolating log sigma: a sample on a schedule point moves to the
+    next point exactly; one between points keeps its fraction, instead of taking a tiny step to the
+    next point below it. A sample between the last two points moves to the last one; one past the
+    last point jumps to 0."""
+    points = table[:-1]  # the interior points, all > 0
+    n = len(points)
+    log_p, log_s = points.log(), sigma.log()
+    i = ((points[None] >= sigma[:, None] * (1 - 1e-12)).sum(1) - 1).clamp(0, n - 1)
+    inside = i + 1 < n  # between points[i] and points[i + 1], not past the last one
+    gap = log_p[i] - log_p[(i + 1).clamp_max(n - 1)]
+    frac = torch.where(inside, ((log_p[i] - log_s) / gap.where(inside, 1.0)).clamp(0, 1), 1.0)
+    j = i + 1  # the target lies frac of the way from points[j] to points[j + 1]
+    on_point = (frac == 0) & (j < n)
+    between = (frac > 0) & (j + 1 < n)
+    lo, hi = log_p[j.clamp_max(n - 1)], log_p[(j + 1).clamp_max(n - 1)]
+    out = torch.where(between, torch.exp(lo - frac * (lo - hi)), torch.zeros_like(sigma))
+    last = (frac > 0) & (j + 1 == n) & inside  # not past the last point yet: stop on it
+    return torch.where(on_point | last, points[j.clamp_max(n - 1)], out)
 
 
 def experts_in_use(names=None) -> list[int]:

@@ -226,3 +226,17 @@ def test_ppo_single_expert_smoke(ray_local, env_config):
     assert "router_entropy" not in metrics and np.isfinite(metrics["reward_mean"])
     assert set(results[-1]["learners"]) >= {f"expert_{UNIPC}"}
     assert "router" not in results[-1]["learners"]
+
+
+def test_one_step_along_keeps_the_fractional_position():
+    from rldiff.env import one_step_along
+
+    table = torch.tensor([157.0, 20.0, 3.0, 0.5, 0.0], dtype=torch.float64)
+    on_points = one_step_along(table, table[:-1].clone())
+    assert torch.equal(on_points, table[1:])  # exactly the next point, then the jump
+    just_above = one_step_along(table, torch.tensor([21.0], dtype=torch.float64))
+    assert 3.0 < float(just_above) < 3.5  # a full base step, not a tiny one down to 20
+    between_last = one_step_along(table, torch.tensor([2.9, 1.0], dtype=torch.float64))
+    assert torch.equal(between_last, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    past_last = one_step_along(table, torch.tensor([0.4], dtype=torch.float64))
+    assert float(past_last) == 0.0
