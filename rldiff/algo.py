@@ -1,14 +1,28 @@
 """RLlib's configuration for the router + experts, built in one place: ``build_config``.
 
-Collapse guard: the router module gets its own entropy bonus (``router_entropy_coeff``, through
-RLlib's per-module config overrides), and starts uniform over the experts. No bias toward the base
-expert: the warm start is on the experts' side (a zero step action reproduces the base schedule,
-so every expert starts from a sensible schedule), and a uniform router explores all of them.
+Collapse guard, two parts:
+
+- an entropy bonus of its own for the router (``router_entropy_coeff``, through RLlib's per-module
+  config overrides), so PPO keeps exploring the experts instead of locking onto one early;
+- a warm start toward the base expert (``router_warm_start``, a post-build step:
+  ``warm_start_router``). The env's base schedule is the base expert's (``base_expert``) optimised
+  global schedule, and a zero step action reproduces it, so "base expert, zero action" is a policy
+  worth 0 reward by construction. A router that starts uniform over the experts is far from it:
+  most early episodes run solvers the schedule was not tuned for, their rewards are poor and noisy,
+  and PPO has been seen to collapse onto a poor expert. So a fresh run's router starts with
+  probability ``router_warm_start`` (default 0.8) on the base expert and the rest spread uniformly
+  over the others (enough for every expert to be tried, and for the entropy bonus to work from).
+  Only the bias of the router's policy-head output layer is set (to the log of these
+  probabilities); its weights keep their random init, so the logits still depend on the
+  observation a little and the probabilities are the target on average, not exactly. Done on the
+  learner's module, then synced to the env runners; never on resume (the checkpoint's router is
+  the trained one). 0 or None turns it off (a uniform start, up to the random init).
+
 Expert usage and router entropy are logged every episode to watch for collapse anyway.
 
 ``TrainConfig.experts`` picks the experts in play: modules ``expert_<global index>`` for those
 only, and ``router`` only when there is more than one (one expert is the single-agent ``ppo-single``
-ablation: step size only, one solver).
+ablation: step size only, one solver). Router action ``j`` is ``experts[j]``.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rldiff.env import ENV_DEFAULTS, K, RoutingEnv, experts_in_use
+from rldiff.solvers import EXPERT_NAMES, expert_index
 
 ROUTER = "router"
 EXPERT_MODULES = tuple(f"expert_{k}" for k in range(K))
@@ -51,6 +66,9 @@ class TrainConfig:
     lr: float = 3e-4  # Adam learning rate of every module
     entropy_coeff: float = 0.0  # entropy bonus of the expert modules
     router_entropy_coeff: float = 0.01  # entropy bonus of the router (collapse guard)
+    # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
+    # only, see warm_start_router). 0 or None: no warm start.
+    router_warm_start: float | None = 0.8
     clip: float = 0.2  # PPO clip parameter
     gamma: float = 1.0  # undiscounted: the only reward comes at the sample's end
     lambda_: float = 0.95  # GAE lambda
@@ -137,6 +155,76 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
         .callbacks(RoutingMetrics)
         .debugging(seed=cfg.seed)
     )
+
+
+def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
+    """The router's initial action probabilities for ``cfg`` (router action ``j`` is
+    ``experts[j]``): ``router_warm_start`` on the base expert, the rest uniform over the others.
+    None when there is nothing to warm-start: turned off, no router (one expert), or the base
+    expert not in play."""
+    p = cfg.router_warm_start
+    if not p:
+        return None
+    if not 0 < p < 1:
+        raise ValueError(f"router_warm_start must lie in (0, 1) (0 or None: off), got {p!r}")
+    experts = experts_in_use(cfg.env_config()["experts"])
+    base = expert_index(cfg.base_expert)
+    if len(experts) < 2 or base not in experts:
+        return None
+    probs = np.full(len(experts), (1 - p) / (len(experts) - 1))
+    probs[experts.index(base)] = p
+    return probs
+
+
+def warm_start_router(algo, cfg: TrainConfig) -> dict[str, float] | None:
+    """Points a freshly built ``algo``'s router at the base expert (see the module docstring).
+
+    Sets the bias of the router's policy-head output layer (logits = log of
+    ``router_warm_start_probs``; the weights stay as initialised) in every learner's module, then
+    syncs the router's weights to the env runners as ``PPO.training_step`` does after an update.
+    Returns the target probabilities by expert name, or None when nothing was done. Call it once,
+    right after ``build_algo()``; never on a restored algorithm (it would undo the training).
+    """
+    probs = router_warm_start_probs(cfg)
+    if probs is None:
+        if cfg.router_warm_start and ROUTER in module_ids(cfg.env_config()["experts"]):
+            print(f"router warm start skipped: base expert {cfg.base_expert} is not in play")
+        return None
+    logits = torch.as_tensor(np.log(probs), dtype=torch.float32)
+
+    def set_bias(learner):
+        layer = policy_output_layer(learner.module[ROUTER].unwrapped())
+        if layer.bias is None or layer.out_features != len(logits):
+            raise ValueError(f"router policy head {layer} has no bias of size {len(logits)}")
+        with torch.no_grad():
+            layer.bias.copy_(logits.to(layer.bias))
+
+    for result in algo.learner_group.foreach_learner(set_bias):
+        if not result.ok:
+            raise result.get()
+    for group in (algo.env_runner_group, algo.eval_env_runner_group):
+        if group is not None:
+            # timeout None: first wait for the build's own state broadcast to the runners. RLlib
+            # allows one in-flight "set_state" per runner (max_requests_in_flight_per_env_runner)
+            # and silently drops a second one, so right after build_algo() the default
+            # fire-and-forget sync could be lost. Later calls to a runner run after this one.
+            group.sync_weights(
+                from_worker_or_learner_group=algo.learner_group,
+                policies=[ROUTER],
+                inference_only=True,
+                timeout_seconds=None,
+            )
+    names = [EXPERT_NAMES[k] for k in experts_in_use(cfg.env_config()["experts"])]
+    return {n: float(q) for n, q in zip(names, probs, strict=True)}
+
+
+def policy_output_layer(module) -> torch.nn.Linear:
+    """The last linear layer of a default PPO module's policy head (``pi``): its outputs are the
+    action distribution inputs (the router's logits)."""
+    layers = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__}.pi has no linear layer")
+    return layers[-1]
 
 
 def gpus_per_env_runner(env_runners: int) -> float:

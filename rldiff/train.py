@@ -2,7 +2,8 @@
 
 ``run_training`` prepares what every env runner needs on the driver (the base expert's optimised
 global schedule per budget as the warm start, the cached reference bank of the training seeds),
-builds the algorithm with ``rldiff.algo.build_config`` (the one RLlib config builder), trains with
+builds the algorithm with ``rldiff.algo.build_config`` (the one RLlib config builder), points a
+fresh run's router at the base expert (``rldiff.algo.warm_start_router``; not on resume), trains with
 one progress line per iteration, TensorBoard event files and periodic checkpoints, resumes from the
 newest checkpoint when asked, exports the policy (``rldiff.learned_policy``) and scores it with the
 evaluation protocol beside every baseline. Output layout under ``out``::
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rldiff.algo import TrainConfig, build_config, module_ids
+from rldiff.algo import TrainConfig, build_config, module_ids, warm_start_router
 from rldiff.env import training_references
 from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, PolicySpec, seed_set
 from rldiff.learned_policy import LearnedPolicy, export_policy
@@ -128,6 +129,9 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
 
     if checkpoint is None:
         algo = build_config(cfg).build_algo()
+        warm = warm_start_router(algo, cfg)  # fresh runs only: a checkpoint has its own router
+        if warm:
+            print("router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in warm.items()))
         _truncate_progress(out / "progress.jsonl", 0)
     else:
         algo = Algorithm.from_checkpoint(str(checkpoint.resolve()))  # a relative path fails
@@ -375,6 +379,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--lr", type=_float_above(0.0), default=d.lr)
     p.add_argument("--entropy-coeff", type=float, default=d.entropy_coeff)
     p.add_argument("--router-entropy-coeff", type=float, default=d.router_entropy_coeff)
+    p.add_argument(
+        "--router-warm-start",
+        type=_warm_start,
+        default=d.router_warm_start,
+        help="initial router probability of the base expert (0: uniform start)",
+    )
     p.add_argument("--clip", type=_float_above(0.0), default=d.clip)
     p.add_argument("--gamma", type=float, default=d.gamma)
     p.add_argument("--lambda", dest="lambda_", type=float, default=d.lambda_)
@@ -403,6 +413,7 @@ def config_from_args(args) -> TrainConfig:
         lr=args.lr,
         entropy_coeff=args.entropy_coeff,
         router_entropy_coeff=args.router_entropy_coeff,
+        router_warm_start=args.router_warm_start,
         clip=args.clip,
         gamma=args.gamma,
         lambda_=args.lambda_,
@@ -448,6 +459,18 @@ def _non_negative(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return int(text)
+
+
+def _warm_start(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return value
 
 
 def _float_above(low: float):

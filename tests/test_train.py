@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rldiff.algo import TrainConfig
+from rldiff.algo import TrainConfig, warm_start_router
 from rldiff.cli import main
 from rldiff.global_schedule import SearchConfig
 from rldiff.learned_policy import LearnedPolicy, expert_mean, router_choice
@@ -104,14 +104,24 @@ def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained):
 def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monkeypatch):
     import dataclasses
 
+    import rldiff.train
+
     monkeypatch.chdir(tmp_path)
+    warm_starts = []  # the router warm start runs on a fresh run only, never on resume
+
+    def spy(algo, cfg):
+        warm_starts.append(algo.iteration)
+        return warm_start_router(algo, cfg)
+
+    monkeypatch.setattr(rldiff.train, "warm_start_router", spy)
     out = Path("run")  # relative, as typed on a command line
     kwargs = {"evaluate": False, "eval_overrides": EVAL_OVERRIDES}  # the cached base schedules
     first = run_training(dataclasses.replace(tiny, iterations=1), out, **kwargs)
-    assert first["iterations_run"] == [1]
+    assert first["iterations_run"] == [1] and warm_starts == [0]
     shutil.rmtree(out / "policy")  # as if killed after the checkpoint
     resumed = run_training(tiny, out, resume=True, **kwargs)
     assert resumed["iterations_run"] == [2] and resumed["iteration"] == 2
+    assert warm_starts == [0]
     progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in progress] == [1, 2]
     assert progress[1]["env_steps"] > progress[0]["env_steps"]  # the counters carried on
@@ -215,6 +225,7 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
         (["train", "--out", "x", "--base-expert", "rk4"], "invalid choice"),
         (["train", "--out", "x", "--experts", "euler,rk4"], "unknown"),
         (["train", "--out", "x", "--cost-per-nfe", "-1"], "non-negative"),
+        (["train", "--out", "x", "--router-warm-start", "1"], "probability"),
     ],
 )
 def test_bad_train_arguments_give_a_clear_error(argv, message, capsys):
