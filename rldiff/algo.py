@@ -60,12 +60,12 @@ class TrainConfig:
     base_expert: str = "unipc"  # solver of the base schedule that defines reward 0
     experts: tuple[str, ...] | None = None  # experts in play (None: all); one: no router module
     base_schedules: dict[int, list[float]] | None = None  # budget -> sigmas; None: logSNR split
-    step_range: float = 3.0  # a step action of +-1 scales the base log-step by step_range^+-1
+    step_range: float = 1.5  # a step action of +-1 scales the base log-step by step_range^+-1
     reference_steps: int = 200  # steps of the reference solve of the training seeds
     cache: str = ".cache/rldiff"  # reference banks live here
     lr: float = 3e-4  # Adam learning rate of every module
     entropy_coeff: float = 0.0  # entropy bonus of the expert modules
-    router_entropy_coeff: float = 0.01  # entropy bonus of the router (collapse guard)
+    router_entropy_coeff: float = 0.05  # entropy bonus of the router (collapse guard)
     # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
     # only, see warm_start_router). 0 or None: no warm start.
     router_warm_start: float | None = 0.8

@@ -55,7 +55,7 @@ ENV_DEFAULTS = {
     "base_expert": "unipc",  # the solver of the base schedule that defines reward 0
     "experts": None,  # expert names in play (None: all); one name: no router (step size only)
     "base_schedules": None,  # {budget: sigmas ending in 0}; None: the budget-aware logSNR split
-    "step_range": 3.0,  # a step action of +-1 scales the base log-step by 3^+-1
+    "step_range": 1.5,  # a step action of +-1 scales the base log-step by 1.5^+-1
     "reference_steps": DEFAULT_STEPS,
     "cache": ".cache/rldiff",  # where the reference bank is kept
     "seed": 0,
@@ -68,10 +68,10 @@ class WarmStart:
     """The base schedule the step action scales around: per-budget sigmas, or the logSNR split."""
 
     schedules: dict[int, torch.Tensor] | None = None  # budget -> decreasing sigmas ending in 0
-    step_range: float = 3.0
+    step_range: float = 1.5
 
     @classmethod
-    def make(cls, schedules=None, step_range: float = 3.0) -> WarmStart:
+    def make(cls, schedules=None, step_range: float = 1.5) -> WarmStart:
         """Accepts JSON-ish input (string budget keys, lists of sigmas)."""
         if schedules is not None:
             schedules = {

@@ -121,7 +121,8 @@ def test_step_action_scales_the_log_step(env_config):
     base_next = WarmStart().sigma_next(obs)
     h_base = (obs.sigma / base_next).log()
     span = (obs.sigma / obs.sigma_min).log()
-    for a, factor in [(1.0, 3.0), (-1.0, 1 / 3), (0.5, 3**0.5)]:
+    r = WarmStart().step_range
+    for a, factor in [(1.0, r), (-1.0, 1 / r), (0.5, r**0.5)]:
         actions = np.tile([a, 0.0], (b, 1))
         d = decision_from_actions(obs, [UNIPC] * b, actions, WarmStart())
         inside = h_base * factor < span * (1 - 1e-9)  # a step past sigma_min jumps to 0
