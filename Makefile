@@ -27,7 +27,7 @@ test: lint
 	  status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-slow: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or gpu' -s
 
 clean:
 	rm -rf $(VENV) .cache runs
