@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rldiff.bandit import BanditPolicy, train_bandit
 from rldiff.denoisers import Condition
+from rldiff.env import WarmStart
 from rldiff.global_schedule import SearchConfig, optimise_schedule
 from rldiff.metrics import DigitMetrics, rmse_per_sample
 from rldiff.models import EMBEDDED, load_model
@@ -49,6 +51,7 @@ class EvaluateConfig:
     reference_steps: int = 200  # steps of the reference solve (checked against twice as many)
     search: SearchConfig = field(default_factory=SearchConfig)
     adaptive_tol: float = 0.003  # error tolerance of the adaptive controller (pixel RMS)
+    bandit_rounds: int = 20  # rounds (64 samples each) of the epsilon-greedy bandit; 0: none
     cache: Path = Path(".cache/rldiff")  # reference banks and optimised schedules
     ray: str = "auto"  # "auto": a running cluster or RAY_ADDRESS; "local"; "off"
 
@@ -58,15 +61,17 @@ class PolicySpec:
     """A picklable description of one policy at one budget."""
 
     name: str
-    family: str  # hand-built | global | adaptive | learned
+    family: str  # hand-built | global | adaptive | learned | bandit | model
     solver: str
     budget: int
     schedule: str = ""
     sigmas: tuple[float, ...] = ()
     tol: float = 0.0
-    path: str = ""  # learned: an exported policy directory (rldiff.learned_policy)
+    path: str = ""  # learned: an exported policy directory; bandit: a saved bandit.json
 
     def build(self, noise_table):
+        if self.family == "bandit":
+            return BanditPolicy.load(self.path)
         if self.family == "learned":
             from rldiff.learned_policy import LearnedPolicy
 
@@ -113,7 +118,8 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
     evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
     train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
     schedules = optimise_global_schedules(cfg, denoiser, train, use_ray)
-    specs = policy_specs(cfg, schedules) + list(extra_specs)
+    specs = policy_specs(cfg, schedules) + train_bandit_specs(cfg, denoiser, train, schedules)
+    specs += list(extra_specs)
     context = (denoiser, evaluation, DigitMetrics())
     results = parallel_map(_score, specs, context, use_ray, desc="policies")
     rows = [row for row, _ in results]
@@ -142,6 +148,34 @@ def policy_specs(cfg: EvaluateConfig, schedules: dict) -> list[PolicySpec]:
             PolicySpec("adaptive:dpmpp-2m", "adaptive", "dpmpp-2m", b, tol=cfg.adaptive_tol)
         )
     return specs
+
+
+def train_bandit_specs(cfg, denoiser, train: SeedSet, schedules: dict) -> list[PolicySpec]:
+    """Trains the epsilon-greedy bandit router on the TRAINING seeds (never the evaluation ones),
+    warm-started on the global UniPC schedules when those were searched; saves it to
+    ``bandit.json`` and returns one spec per budget (none when ``bandit_rounds`` is 0)."""
+    if cfg.bandit_rounds <= 0:
+        return []
+    if "unipc" in cfg.global_solvers:
+        base = WarmStart.make({b: schedules[("unipc", b)] for b in cfg.budgets})
+    else:
+        base = WarmStart()
+    start = time.perf_counter()
+    bandit = train_bandit(
+        denoiser,
+        train.reference,
+        train.noise,
+        train.cond,
+        budgets=cfg.budgets,
+        base=base,
+        rounds=cfg.bandit_rounds,
+        seeds=train.seeds,
+    )
+    path = cfg.out / "bandit.json"
+    bandit.save(path)
+    print(f"bandit: {cfg.bandit_rounds} rounds in {time.perf_counter() - start:.1f} s -> {path}")
+    resolved = str(path.resolve())  # Ray workers may run elsewhere
+    return [PolicySpec("bandit", "bandit", "", b, path=resolved) for b in cfg.budgets]
 
 
 def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
@@ -270,6 +304,12 @@ def add_arguments(parser) -> None:
         help="coordinate-search passes of the global schedule optimiser",
     )
     parser.add_argument("--adaptive-tol", type=float, default=d.adaptive_tol)
+    parser.add_argument(
+        "--bandit-rounds",
+        type=_non_negative,
+        default=d.bandit_rounds,
+        help="training rounds of the epsilon-greedy bandit router (0: leave it out)",
+    )
     parser.add_argument("--cache", type=Path, default=d.cache, help="reference/schedule cache")
     parser.add_argument(
         "--ray",
@@ -293,6 +333,7 @@ def config_from_args(args) -> EvaluateConfig:
         reference_steps=args.reference_steps,
         search=SearchConfig(rounds=args.search_rounds),
         adaptive_tol=args.adaptive_tol,
+        bandit_rounds=args.bandit_rounds,
         cache=args.cache,
         ray=args.ray,
     )
@@ -307,6 +348,18 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

@@ -24,7 +24,7 @@ def evaluated(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     argv = ["evaluate", "--model", "gmm", "--samples", "40", "--train-samples", "20",
             "--budgets", "4,6", "--reference-steps", "60", "--search-rounds", "1",
-            "--out", str(out), "--cache", str(out / "cache"), "--ray", "off"]  # fmt: skip
+            "--bandit-rounds", "2", "--out", str(out), "--cache", str(out / "cache"), "--ray", "off"]  # fmt: skip
     assert main(argv) == 0
     return out
 
@@ -43,6 +43,18 @@ def test_outputs_exist_and_results_have_the_protocol_columns(evaluated):
     assert {"fixed:unipc/karras", "global:dpmpp-2m", "adaptive:dpmpp-2m"} <= names
     for f in ("report.md", "pareto.png", "grid_nfe4.png", "grid_nfe6.png", "config.json"):
         assert (evaluated / f).stat().st_size > 0
+
+
+def test_bandit_router_is_scored_at_every_budget(evaluated):
+    """Protocol policy 4: the epsilon-greedy bandit, trained on the training seeds, saved."""
+    rows = pq.read_table(evaluated / "results.parquet").to_pylist()
+    bandit = {r["budget"]: r for r in rows if r["policy"] == "bandit"}
+    assert sorted(bandit) == [4, 6]
+    for budget, r in bandit.items():
+        assert r["family"] == "bandit" and r["max_nfe"] <= budget and r["n_samples"] == 40
+    saved = json.loads((evaluated / "bandit.json").read_text())
+    assert saved["budgets"] == [4, 6] and torch.tensor(saved["counts"]).sum() > 0
+    assert "`bandit`" in (evaluated / "report.md").read_text()
 
 
 def test_report_states_floors_and_best_per_budget(evaluated):
@@ -69,7 +81,7 @@ def test_cached_references_and_schedules_are_reused(evaluated, monkeypatch):
     monkeypatch.setattr(ev, "optimise_schedule", fail)
     argv = ["evaluate", "--model", "gmm", "--samples", "40", "--train-samples", "20",
             "--budgets", "4,6", "--reference-steps", "60", "--search-rounds", "1",
-            "--solvers", "euler", "--schedules", "karras",
+            "--solvers", "euler", "--schedules", "karras", "--bandit-rounds", "1",
             "--out", str(evaluated / "again"), "--cache", str(evaluated / "cache"), "--ray", "off"]  # fmt: skip
     assert main(argv) == 0
 
