@@ -116,9 +116,9 @@ def test_policy_specs_cover_every_solver_schedule_and_budget():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["evaluate", "--budgets", "0"], "positive integer"),
+        (["evaluate", "--budgets", "0"], "integer >= 1"),
         (["evaluate", "--solvers", "rk4"], "unknown"),
-        (["evaluate", "--samples", "many"], "positive integer"),
+        (["evaluate", "--samples", "many"], "integer >= 1"),
     ],
 )
 def test_bad_arguments_give_a_clear_error(argv, message, capsys):

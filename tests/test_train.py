@@ -220,8 +220,8 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     "argv, message",
     [
         (["train", "--iterations", "3"], "--out"),
-        (["train", "--out", "x", "--iterations", "0"], "positive integer"),
-        (["train", "--out", "x", "--budgets", "4,a"], "positive integer"),
+        (["train", "--out", "x", "--iterations", "0"], "integer >= 1"),
+        (["train", "--out", "x", "--budgets", "4,a"], "integer >= 1"),
         (["train", "--out", "x", "--base-expert", "rk4"], "invalid choice"),
         (["train", "--out", "x", "--experts", "euler,rk4"], "unknown"),
         (["train", "--out", "x", "--cost-per-nfe", "-1"], "non-negative"),
