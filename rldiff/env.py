@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -29,14 +28,8 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from rldiff.denoisers import UNCONDITIONAL, Condition
 from rldiff.metrics import rmse_per_sample
 from rldiff.models import load_model
-from rldiff.policies import Decision, Observation
-from rldiff.reference import (
-    DEFAULT_SCHEDULE,
-    DEFAULT_SOLVER,
-    DEFAULT_STEPS,
-    load_or_build,
-    model_fingerprint,
-)
+from rldiff.policies import Decision, Observation, budget_log_step
+from rldiff.reference import DEFAULT_STEPS, seed_bank
 from rldiff.sampler import Sampling, sample
 from rldiff.seeds import initial_noise
 from rldiff.solvers import EXPERT_NAMES, EXPERTS, expert_index
@@ -82,9 +75,9 @@ class WarmStart:
     def sigma_next(self, obs: Observation) -> torch.Tensor:
         """Each sample's base next sigma: 0 (a jump) once no NFE remains."""
         remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
-        if self.schedules is None:  # AdaptivePolicy's floor: this step and `remaining` more
-            span = (obs.sigma / obs.sigma_min).log()
-            nxt = torch.where(span > 0, obs.sigma * torch.exp(-span / (remaining + 1)), 0.0)
+        if self.schedules is None:  # the budget-aware logSNR split (AdaptivePolicy's floor)
+            span, h = budget_log_step(obs)
+            nxt = torch.where(span > 0, obs.sigma * torch.exp(-h), 0.0)
         else:  # one base step further along the schedule than where the sample is now
             nxt = torch.zeros_like(obs.sigma)
             for b in obs.budget.unique().tolist():
@@ -217,14 +210,11 @@ def reward(rmse, rmse_base, nfe, cost_per_nfe) -> torch.Tensor:
 
 def training_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
     """Reference x0 [n_train, ...] of the training seeds per guidance scale, cached on disk."""
-    n, steps, fp = config["n_train"], config["reference_steps"], model_fingerprint(denoiser)[:12]
-    seeds, out = list(range(n)), {}
-    for g in map(float, config["guidance"]):
-        name = f"reference-train-{fp}-{n}-g{g:g}-{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{steps}"
-        path = Path(config["cache"]) / f"{name}.parquet"
-        cond = Condition.make([s % 10 for s in seeds], g)
-        out[g] = load_or_build(path, denoiser, seeds, cond, steps=steps, progress=False).x0
-    return out
+    seeds, steps = list(range(config["n_train"])), config["reference_steps"]
+    return {
+        g: seed_bank(config["cache"], denoiser, "train", seeds, g, steps, progress=False).x0
+        for g in map(float, config["guidance"])
+    }
 
 
 class RoutingEnv(MultiAgentEnv):

@@ -25,7 +25,7 @@ from rldiff.metrics import DigitMetrics, rmse_per_sample
 from rldiff.models import EMBEDDED, load_model
 from rldiff.parallel import connect_ray, parallel_map
 from rldiff.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
-from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, load_or_build, model_fingerprint
+from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, model_fingerprint, seed_bank
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES
 from rldiff.seeds import initial_noise
@@ -96,13 +96,9 @@ class SeedSet:
 
 def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> SeedSet:
     seeds = list(range(offset, offset + n))
-    cond = Condition.make([s % 10 for s in seeds], cfg.guidance)
-    model = model_fingerprint(denoiser)[:12]
-    solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
-    path = cfg.cache / f"reference-{model}-{name}-{n}-g{cfg.guidance:g}-{solve}.parquet"
-    ref = load_or_build(path, denoiser, seeds, cond, steps=cfg.reference_steps)
+    ref = seed_bank(cfg.cache, denoiser, name, seeds, cfg.guidance, cfg.reference_steps)
     shape = tuple(ref.x0.shape[1:])
-    return SeedSet(seeds, cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))
+    return SeedSet(seeds, ref.cond, initial_noise(seeds, shape), ref.x0.to(torch.float32))
 
 
 def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:

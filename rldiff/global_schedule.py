@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rldiff.metrics import rmse_per_sample
 from rldiff.policies import FixedSchedulePolicy
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES, get_schedule
@@ -57,7 +58,7 @@ def optimise_schedule(
         calls += 1
         policy = FixedSchedulePolicy(solver, sigmas)
         x0 = sample(denoiser, policy, noise, cond, budget).x0
-        return float((x0 - reference).flatten(1).pow(2).mean(1).sqrt().mean())
+        return float(rmse_per_sample(x0, reference).mean())
 
     n = steps_for_budget(solver, budget)
     starts = {name: get_schedule(name, n, denoiser.noise) for name in SCHEDULES}

@@ -49,6 +49,15 @@ class Policy(Protocol):
     def act(self, obs: Observation) -> Decision: ...
 
 
+def budget_log_step(obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(span, h)``: the log-sigma range left down to sigma_min, and its even split over this step
+    and one more per remaining evaluation (the last of them a jump to 0): logSNR-uniform spacing
+    that never runs out of budget early."""
+    remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
+    span = (obs.sigma / obs.sigma_min).log().clamp_min(0)
+    return span, span / (remaining + 1)
+
+
 class FixedSchedulePolicy:
     """One solver on a fixed schedule: ``sigmas`` [n + 1], or [B, n + 1] for a schedule per sample."""
 
@@ -90,8 +99,7 @@ class AdaptivePolicy:
 
     def act(self, obs: Observation) -> Decision:
         remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
-        span = (obs.sigma / obs.sigma_min).log().clamp_min(0)  # log range down to sigma_min
-        h_floor = span / (remaining + 1)  # this step and `remaining` more, the last a jump to 0
+        span, h_floor = budget_log_step(obs)
         h = torch.maximum(self._h_for_tolerance(obs), h_floor)
         nxt = obs.sigma * torch.exp(-h)
         finish = (remaining == 0) | (h >= span)

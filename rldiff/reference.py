@@ -369,3 +369,22 @@ def _sample_shape(denoiser) -> tuple[int, ...]:
     if shape is None:
         raise ValueError(f"{type(denoiser).__name__} has no sample_shape: pass shape=")
     return tuple(shape)
+
+
+def seed_bank(
+    cache: str | Path,
+    denoiser: Denoiser,
+    name: str,
+    seeds: list[int],
+    guidance: float,
+    steps: int = DEFAULT_STEPS,
+    progress: bool = True,
+) -> Reference:
+    """The cached bank of ``seeds`` (label ``seed % 10``) at one guidance scale. The one naming
+    rule for bank files: model, seed set, guidance and solve are in the name, so training and
+    evaluation share a bank and different settings never collide."""
+    cond = Condition.make([s % 10 for s in seeds], guidance)
+    model = model_fingerprint(denoiser)[:12]
+    solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{steps}"
+    path = Path(cache) / f"reference-{model}-{name}-{len(seeds)}-g{guidance:g}-{solve}.parquet"
+    return load_or_build(path, denoiser, seeds, cond, steps=steps, progress=progress)
