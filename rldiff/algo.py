@@ -69,6 +69,9 @@ class TrainConfig:
     # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
     # only, see warm_start_router). 0 or None: no warm start.
     router_warm_start: float | None = 0.8
+    # Initial std of every expert's Gaussian in [-1, 1] action units (warm_start_experts; fresh
+    # runs only). 0 or None: RLlib's default of 1.
+    expert_init_std: float | None = 0.3
     clip: float = 0.2  # PPO clip parameter
     gamma: float = 1.0  # undiscounted: the only reward comes at the sample's end
     lambda_: float = 0.95  # GAE lambda
@@ -142,6 +145,9 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
             num_gpus_per_env_runner=gpus_per_env_runner(cfg.env_runners),
         )
         .learners(num_learners=0, num_gpus_per_learner=0)  # small MLPs: the GPU is the denoiser's
+        # A lost env runner (its node gone) is restarted elsewhere; the iteration goes on with
+        # the others meanwhile, so training survives losing a worker node.
+        .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
         .training(
             lr=cfg.lr,
             entropy_coeff=cfg.entropy_coeff,
@@ -176,14 +182,21 @@ def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
     return probs
 
 
+def warm_start(algo, cfg: TrainConfig) -> dict[str, float] | None:
+    """Both warm starts of a freshly built ``algo`` (the router's and the experts'); returns the
+    router's target probabilities by expert name (None when it was not warm-started). Call it
+    once, right after ``build_algo()``; never on a restored algorithm (it would undo training)."""
+    warm_start_experts(algo, cfg)
+    return warm_start_router(algo, cfg)
+
+
 def warm_start_router(algo, cfg: TrainConfig) -> dict[str, float] | None:
     """Points a freshly built ``algo``'s router at the base expert (see the module docstring).
 
     Sets the bias of the router's policy-head output layer (logits = log of
     ``router_warm_start_probs``; the weights stay as initialised) in every learner's module, then
     syncs the router's weights to the env runners as ``PPO.training_step`` does after an update.
-    Returns the target probabilities by expert name, or None when nothing was done. Call it once,
-    right after ``build_algo()``; never on a restored algorithm (it would undo the training).
+    Returns the target probabilities by expert name, or None when nothing was done.
     """
     probs = router_warm_start_probs(cfg)
     if probs is None:
@@ -199,7 +212,39 @@ def warm_start_router(algo, cfg: TrainConfig) -> dict[str, float] | None:
         with torch.no_grad():
             layer.bias.copy_(logits.to(layer.bias))
 
-    for result in algo.learner_group.foreach_learner(set_bias):
+    _on_learners_then_runners(algo, set_bias, [ROUTER])
+    names = [EXPERT_NAMES[k] for k in experts_in_use(cfg.env_config()["experts"])]
+    return {n: float(q) for n, q in zip(names, probs, strict=True)}
+
+
+def warm_start_experts(algo, cfg: TrainConfig) -> None:
+    """Starts every expert's Gaussian with standard deviation ``expert_init_std`` (in the
+    normalised [-1, 1] action units) for every observation: the log-std half of the policy head's
+    output layer gets zero weights and bias ``log(expert_init_std)``. RLlib's default (std 1 on a
+    [-1, 1] action) makes early episodes several times worse than the base schedule, and PPO then
+    spends its iterations undoing that noise; the means keep their random init (near 0: the base
+    schedule). None or 0 keeps RLlib's default."""
+    std = cfg.expert_init_std
+    if not std:
+        return
+    if std <= 0:
+        raise ValueError(f"expert_init_std must be positive (0 or None: off), got {std!r}")
+    experts = [m for m in module_ids(cfg.env_config()["experts"]) if m != ROUTER]
+
+    def set_log_std(learner):
+        for m in experts:
+            layer = policy_output_layer(learner.module[m].unwrapped())
+            half = layer.out_features // 2
+            with torch.no_grad():
+                layer.weight[half:].zero_()
+                layer.bias[half:].fill_(float(np.log(std)))
+
+    _on_learners_then_runners(algo, set_log_std, experts)
+
+
+def _on_learners_then_runners(algo, fn, modules: list[str]) -> None:
+    """Runs ``fn(learner)`` on every learner, then syncs ``modules`` to the env runners."""
+    for result in algo.learner_group.foreach_learner(fn):
         if not result.ok:
             raise result.get()
     for group in (algo.env_runner_group, algo.eval_env_runner_group):
@@ -210,12 +255,10 @@ def warm_start_router(algo, cfg: TrainConfig) -> dict[str, float] | None:
             # fire-and-forget sync could be lost. Later calls to a runner run after this one.
             group.sync_weights(
                 from_worker_or_learner_group=algo.learner_group,
-                policies=[ROUTER],
+                policies=modules,
                 inference_only=True,
                 timeout_seconds=None,
             )
-    names = [EXPERT_NAMES[k] for k in experts_in_use(cfg.env_config()["experts"])]
-    return {n: float(q) for n, q in zip(names, probs, strict=True)}
 
 
 def policy_output_layer(module) -> torch.nn.Linear:

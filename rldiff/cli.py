@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate=not args.no_evaluate,
                 eval_samples=args.eval_samples,
                 dashboard=args.dashboard,
+                ablations=args.ablations,
             )
             print(f"policy: {out['policy']}")
             if "evaluation" in out:

@@ -8,6 +8,7 @@ NFE and wall time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ EVAL_SEED_OFFSET = 1_000_000
 BUDGETS = (3, 4, 5, 6, 8, 10)
 GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun")  # deterministic: RMSE to the ODE is fair
 GRID_SAMPLES = 20  # samples kept per policy for the grids: two of each class
+CACHED_FAMILIES = ("hand-built", "global", "adaptive", "model")  # deterministic given the seeds
 
 
 @dataclass
@@ -117,12 +119,12 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
     specs = policy_specs(cfg, schedules) + train_bandit_specs(cfg, denoiser, train, schedules)
     specs += list(extra_specs)
     context = (denoiser, evaluation, DigitMetrics())
-    results = parallel_map(_score, specs, context, use_ray, desc="policies")
+    scores = ScoreCache(cfg, denoiser)
+    results = scores.score_all(specs + [MODEL_CHECK], context, use_ray)
+    quality = dict(results.pop()[0])  # the model itself, sampled accurately (MODEL_CHECK)
     rows = [row for row, _ in results]
     grids = {row["policy"] + f"@{row['budget']}": x for row, x in results}
-    quality, _ = _score(MODEL_CHECK, context)  # the model itself, sampled accurately
     floor = asdict(context[2].real_floor())
-    quality["fd_at_floor_n"] = _fd_of_first(MODEL_CHECK, context, floor["count"])
     pq.write_table(pa.Table.from_pylist(rows), cfg.out / "results.parquet")
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
     (cfg.out / "summary.json").write_text(json.dumps({"floor": floor, "model": quality}, indent=2))
@@ -212,6 +214,62 @@ def _optimise(job, context) -> dict:
     }
 
 
+class ScoreCache:
+    """Scores of the deterministic baselines (``CACHED_FAMILIES``), kept on disk per model,
+    held-out seed set, guidance, reference and spec: they do not change between runs, so a
+    training run's evaluation only samples its own policies. The cached ``seconds_per_sample``
+    is the one measured when the row was first computed. Learned and bandit policies are always
+    scored afresh (their files change)."""
+
+    VERSION = 1  # bump when _score's row changes meaning
+
+    def __init__(self, cfg: EvaluateConfig, denoiser):
+        self.dir = Path(cfg.cache) / "scores"
+        self.key = {
+            "version": self.VERSION,
+            "model": model_fingerprint(denoiser),
+            "n_samples": cfg.n_samples,
+            "offset": EVAL_SEED_OFFSET,
+            "guidance": cfg.guidance,
+            "reference_steps": cfg.reference_steps,
+        }
+
+    def path(self, spec: PolicySpec) -> Path | None:
+        if spec.family not in CACHED_FAMILIES:
+            return None
+        text = json.dumps({**self.key, "spec": asdict(spec)}, sort_keys=True)
+        return self.dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
+
+    def score_all(self, specs, context, use_ray: bool) -> list[tuple[dict, torch.Tensor]]:
+        """``_score`` of every spec, in order: the cached ones read, the others computed."""
+        paths = [self.path(s) for s in specs]
+        found = [_load_score(p) if p is not None and p.exists() else None for p in paths]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if len(todo) < len(specs):
+            print(f"{len(specs) - len(todo)} of {len(specs)} scores from {self.dir}")
+        computed = parallel_map(_score, [specs[i] for i in todo], context, use_ray, "policies")
+        for i, result in zip(todo, computed, strict=True):
+            found[i] = result
+            if paths[i] is not None:
+                _save_score(paths[i], result)
+        return found
+
+
+def _load_score(path: Path) -> tuple[dict, torch.Tensor] | None:
+    try:
+        saved = torch.load(path, weights_only=True)
+        return saved["row"], saved["grid"]
+    except Exception:  # a damaged cache entry is recomputed, never fatal
+        return None
+
+
+def _save_score(path: Path, result: tuple[dict, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"row": result[0], "grid": result[1]}, tmp)
+    tmp.replace(path)
+
+
 def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
     denoiser, ev, metrics = context
     policy = spec.build(denoiser.noise)
@@ -235,17 +293,20 @@ def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
         "seconds_per_sample": seconds / len(ev.seeds),
         "n_samples": len(ev.seeds),
         "sigmas": json.dumps([round(s, 5) for s in _first_schedule(result)]),
+        "expert_usage": json.dumps(expert_usage(result)),
     }
+    if spec.family == "model":  # FD at the floor's sample size too: FD shrinks as n grows
+        row["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
     return row, x0[:GRID_SAMPLES]
 
 
-def _fd_of_first(spec: PolicySpec, context, n: int) -> float:
-    """FD of the first ``n`` samples: the floor's sample size, since FD shrinks as n grows."""
-    denoiser, ev, metrics = context
-    first = slice(0, min(n, len(ev.seeds)))
-    policy = spec.build(denoiser.noise)
-    x0 = sample(denoiser, policy, ev.noise[first], ev.cond[first], spec.budget).x0
-    return float(metrics.fd(x0.clamp(-1, 1)))
+def expert_usage(result) -> dict[str, float]:
+    """Fraction of all sampler steps each expert took (experts never used are left out)."""
+    counts = torch.zeros(len(EXPERT_NAMES))
+    for r in result.steps:
+        counts += torch.bincount(r.expert.cpu(), minlength=len(EXPERT_NAMES)).float()
+    total = float(counts.sum()) or 1.0
+    return {n: round(float(c) / total, 4) for n, c in zip(EXPERT_NAMES, counts, strict=True) if c}
 
 
 def _first_schedule(result) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 FAMILY_ORDER = ("hand-built", "global", "adaptive")
+LEARNED_FAMILIES = ("learned", "bandit")
 
 
 def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
@@ -86,6 +88,7 @@ def _markdown(rows, families, floor, model) -> str:
                 f" vs `{hand[budget]['policy']}` {hand[budget]['rmse_mean']:.4f}: "
                 f"{100 * gain:.0f} % lower error"
             )
+    lines += _learned_section(rows, hand, glob)
     lines += [
         "",
         "![quality vs NFE](pareto.png)",
@@ -102,6 +105,35 @@ def _markdown(rows, families, floor, model) -> str:
             f"| {r['seconds_per_sample'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _learned_section(rows, hand: dict, glob: dict) -> list[str]:
+    """Each learned policy and the bandit against the targets: RMSE ratio to the best hand-built
+    and the best global schedule at the same budget, NFE and per-expert usage."""
+    mine = [r for r in rows if r["family"] in LEARNED_FAMILIES]
+    if not mine:
+        return []
+    lines = [
+        "",
+        "## Learned policies and the bandit against the baselines",
+        "",
+        "Ratios of mean reference RMSE at the same budget (below 1: better than the baseline).",
+        "",
+        "| budget | policy | mean NFE | max NFE | RMSE mean | vs best hand-built | vs best global "
+        "| FD | expert usage (share of steps) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(mine, key=lambda r: (r["budget"], r["policy"])):
+        b = r["budget"]
+        h = r["rmse_mean"] / hand[b]["rmse_mean"] if b in hand else float("nan")
+        g = r["rmse_mean"] / glob[b]["rmse_mean"] if b in glob else float("nan")
+        usage = json.loads(r.get("expert_usage") or "{}")
+        shares = ", ".join(f"{n} {u:.2f}" for n, u in sorted(usage.items(), key=lambda x: -x[1]))
+        lines.append(
+            f"| {b} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
+            f"{r['rmse_mean']:.4f} | {h:.2f}× | {g:.2f}× | {r['fd']:.2f} | {shares} |"
+        )
+    return lines
 
 
 def _pareto(rows, families, floor, path: Path) -> None:

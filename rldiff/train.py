@@ -3,7 +3,8 @@
 ``run_training`` prepares what every env runner needs on the driver (the base expert's optimised
 global schedule per budget as the warm start, the cached reference bank of the training seeds),
 builds the algorithm with ``rldiff.algo.build_config`` (the one RLlib config builder), points a
-fresh run's router at the base expert (``rldiff.algo.warm_start_router``; not on resume), trains with
+fresh run's router at the base expert and narrows the experts' initial spread
+(``rldiff.algo.warm_start``; not on resume), trains with
 one progress line per iteration, TensorBoard event files and periodic checkpoints, resumes from the
 newest checkpoint when asked, exports the policy (``rldiff.learned_policy``) and scores it with the
 evaluation protocol beside every baseline. Output layout under ``out``::
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rldiff.algo import TrainConfig, build_config, module_ids, warm_start_router
+from rldiff.algo import TrainConfig, build_config, module_ids, warm_start
 from rldiff.env import training_references
 from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, PolicySpec, seed_set
 from rldiff.learned_policy import LearnedPolicy, export_policy
@@ -34,7 +35,8 @@ from rldiff.solvers import EXPERT_NAMES
 
 CHECKPOINT = re.compile(r"^iter_(\d{4,})$")
 LOSSES = ("policy_loss", "vf_loss", "entropy", "mean_kl_loss", "vf_explained_var", "total_loss")
-LEARNED_NAME = "moe"
+LEARNED_NAME = "moe"  # the router + experts policy
+SINGLE_NAME = "ppo-single"  # the ablation: one expert, step size only
 SCHEDULE_SAMPLES = 30  # held-out samples per budget panel in schedules.png
 
 
@@ -46,10 +48,13 @@ def run_training(
     eval_samples: int = 512,
     eval_overrides: dict | None = None,
     dashboard: bool = False,
+    ablations: bool = False,
 ) -> dict:
     """Trains ``cfg.iterations`` iterations (counted from the checkpoint when resuming), exports
-    ``out/policy`` and, if ``evaluate``, writes ``out/evaluation``. ``eval_overrides`` replace
-    ``EvaluateConfig`` fields (smaller searches in tests). Returns a summary of the run."""
+    ``out/policy`` and, if ``evaluate``, writes ``out/evaluation``. With ``ablations`` it also
+    trains the ``ppo-single`` ablation (``single_expert_config``: the base expert alone, step size
+    only) into ``out/ablations/ppo-single`` and evaluates it beside ``moe``. ``eval_overrides``
+    replace ``EvaluateConfig`` fields (smaller searches in tests). Returns a summary of the run."""
     torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,20 +71,51 @@ def run_training(
     try:
         if cfg.base_schedules is None:
             cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         training_references(denoiser, cfg.env_config())  # built once here, cached for the runners
-        summary = _train(cfg, out, checkpoint)
-        policy_dir = export_policy(
-            summary["checkpoint"], out / "policy", cfg, cfg.base_schedules, summary
-        )
-        summary["policy"] = str(policy_dir)
+        runs = {LEARNED_NAME: (cfg, out)}
+        if ablations:
+            runs[SINGLE_NAME] = (single_expert_config(cfg), out / "ablations" / SINGLE_NAME)
+        summary, policies = {}, {}
+        for name, (run_cfg, run_out) in runs.items():
+            print(f"training {name}: {', '.join(module_ids(run_cfg.env_config()['experts']))}")
+            done = _train_and_export(run_cfg, run_out, latest_checkpoint(run_out / "checkpoints"))
+            policies[name] = done["policy"]
+            summary = summary or done  # the summary of the main run (moe)
+            if name != LEARNED_NAME:
+                summary.setdefault("ablations", {})[name] = done
         if evaluate:
-            summary["evaluation"] = _evaluate(ev, policy_dir, denoiser)
+            summary["evaluation"] = _evaluate(ev, policies, denoiser)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+    return summary
+
+
+def single_expert_config(cfg: TrainConfig) -> TrainConfig:
+    """The ``ppo-single`` ablation of ``cfg``: the base expert alone (no router), same warm start,
+    budgets and reward. Its env step is one sampler step, where ``cfg``'s is half of one (a router
+    turn, then an expert turn), so half the env steps per iteration give both the same denoiser
+    work per iteration."""
+    half = max(1, cfg.train_batch_size // 2)
+    return dataclasses.replace(
+        cfg,
+        experts=(cfg.base_expert,),
+        train_batch_size=half,
+        minibatch_size=min(cfg.minibatch_size, half),
+    )
+
+
+def _train_and_export(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
+    """Trains one policy into ``out`` (resuming from ``checkpoint``) and exports ``out/policy``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    summary = _train(cfg, out, checkpoint)
+    policy_dir = export_policy(
+        summary["checkpoint"], out / "policy", cfg, cfg.base_schedules, summary
+    )
+    summary["policy"] = str(policy_dir)
     return summary
 
 
@@ -129,7 +165,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
 
     if checkpoint is None:
         algo = build_config(cfg).build_algo()
-        warm = warm_start_router(algo, cfg)  # fresh runs only: a checkpoint has its own router
+        warm = warm_start(algo, cfg)  # fresh runs only: a checkpoint has its own modules
         if warm:
             print("router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in warm.items()))
         _truncate_progress(out / "progress.jsonl", 0)
@@ -227,14 +263,20 @@ def _save(algo, directory: Path) -> Path:
     return path
 
 
-def _evaluate(ev: EvaluateConfig, policy_dir: Path, denoiser) -> list[dict]:
-    """The protocol with the learned policy beside every baseline, plus ``schedules.png``."""
+def _evaluate(ev: EvaluateConfig, policies: dict[str, str], denoiser) -> list[dict]:
+    """The protocol with the learned policies (name -> exported directory) beside every
+    baseline, plus ``schedules.png`` of the main one (``moe``)."""
     from rldiff.evaluate import run_evaluation
 
-    path = str(Path(policy_dir).resolve())
-    extra = [PolicySpec(LEARNED_NAME, "learned", "router", b, path=path) for b in ev.budgets]
+    paths = {name: str(Path(p).resolve()) for name, p in policies.items()}
+    extra = [
+        PolicySpec(name, "learned", "router", b, path=path)
+        for name, path in paths.items()
+        for b in ev.budgets
+    ]
     rows = run_evaluation(ev, extra_specs=extra)
-    plot_schedules(LearnedPolicy.load(path), ev, denoiser, ev.out / "schedules.png")
+    policy = LearnedPolicy.load(paths[LEARNED_NAME], name=LEARNED_NAME)
+    plot_schedules(policy, ev, denoiser, ev.out / "schedules.png")
     return [r for r in rows if r["family"] == "learned"]
 
 
@@ -357,6 +399,11 @@ def add_arguments(parser) -> None:
     run.add_argument("--no-evaluate", action="store_true", help="skip the evaluation protocol")
     run.add_argument("--eval-samples", type=_positive, default=512, help="held-out samples")
     run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
+    run.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also train ppo-single (the base expert alone) and evaluate it beside moe",
+    )
     p = parser.add_argument_group("training (TrainConfig)")
     p.add_argument("--model", default=d.model, help="embedded | gmm | a diffusers directory")
     p.add_argument("--iterations", type=_positive, default=d.iterations)
@@ -384,6 +431,12 @@ def add_arguments(parser) -> None:
         type=_warm_start,
         default=d.router_warm_start,
         help="initial router probability of the base expert (0: uniform start)",
+    )
+    p.add_argument(
+        "--expert-init-std",
+        type=_float_above(0.0),
+        default=d.expert_init_std,
+        help="initial std of the experts' Gaussian actions in [-1, 1] units",
     )
     p.add_argument("--clip", type=_float_above(0.0), default=d.clip)
     p.add_argument("--gamma", type=float, default=d.gamma)
@@ -414,6 +467,7 @@ def config_from_args(args) -> TrainConfig:
         entropy_coeff=args.entropy_coeff,
         router_entropy_coeff=args.router_entropy_coeff,
         router_warm_start=args.router_warm_start,
+        expert_init_std=args.expert_init_std,
         clip=args.clip,
         gamma=args.gamma,
         lambda_=args.lambda_,

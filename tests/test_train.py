@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rldiff.algo import TrainConfig, warm_start_router
+from rldiff.algo import TrainConfig, warm_start
 from rldiff.cli import main
 from rldiff.global_schedule import SearchConfig
 from rldiff.learned_policy import LearnedPolicy, expert_mean, router_choice
@@ -54,7 +54,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    summary = run_training(tiny, out, evaluate=True, eval_samples=16, eval_overrides=EVAL_OVERRIDES)
+    summary = run_training(
+        tiny, out, evaluate=True, eval_samples=16, eval_overrides=EVAL_OVERRIDES, ablations=True
+    )
     return out, summary
 
 
@@ -101,6 +103,24 @@ def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained):
         assert (out / "evaluation" / name).stat().st_size > 0
 
 
+def test_ablation_ppo_single_is_trained_and_evaluated_beside_moe(trained):
+    out, summary = trained
+    single = out / "ablations" / "ppo-single"
+    assert summary["ablations"]["ppo-single"]["iteration"] == 2
+    assert sorted(p.name for p in (single / "checkpoints").iterdir()) == ["iter_0001", "iter_0002"]
+    spec = json.loads((single / "policy" / "policy.json").read_text())
+    assert spec["router"] is None and [e["name"] for e in spec["experts"]] == ["unipc"]
+    config = json.loads((single / "train_config.json").read_text())
+    assert config["experts"] == ["unipc"] and config["train_batch_size"] == 32  # half of moe's
+    rows = pq.read_table(out / "evaluation" / "results.parquet").to_pylist()
+    rows = [r for r in rows if r["policy"] == "ppo-single"]
+    assert sorted(r["budget"] for r in rows) == list(BUDGETS)
+    assert all(json.loads(r["expert_usage"]) == {"unipc": 1.0} for r in rows)
+    report = (out / "evaluation" / "report.md").read_text()
+    assert "## Learned policies and the bandit against the baselines" in report
+    assert "| `ppo-single` |" in report and "vs best global" in report
+
+
 def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monkeypatch):
     import dataclasses
 
@@ -111,9 +131,9 @@ def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monke
 
     def spy(algo, cfg):
         warm_starts.append(algo.iteration)
-        return warm_start_router(algo, cfg)
+        return warm_start(algo, cfg)
 
-    monkeypatch.setattr(rldiff.train, "warm_start_router", spy)
+    monkeypatch.setattr(rldiff.train, "warm_start", spy)
     out = Path("run")  # relative, as typed on a command line
     kwargs = {"evaluate": False, "eval_overrides": EVAL_OVERRIDES}  # the cached base schedules
     first = run_training(dataclasses.replace(tiny, iterations=1), out, **kwargs)

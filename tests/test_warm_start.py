@@ -1,11 +1,13 @@
-"""The router warm start: a fresh Algorithm's router picks the base expert with probability
-``router_warm_start`` (on average over observations), in the learner AND on the env runners."""
+"""The warm starts: a fresh Algorithm's router picks the base expert with probability
+``router_warm_start`` (on average over observations), and the experts' Gaussians start with std
+``expert_init_std``, in the learner AND on the env runners."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from ray.rllib.core.columns import Columns
 
 from rldiff.algo import (
     ROUTER,
@@ -13,6 +15,7 @@ from rldiff.algo import (
     build_config,
     policy_output_layer,
     router_warm_start_probs,
+    warm_start_experts,
     warm_start_router,
 )
 from rldiff.env import RoutingEnv, training_references
@@ -60,8 +63,6 @@ def router_obs(cfg) -> torch.Tensor:
 
 
 def router_probs(module, x: torch.Tensor) -> torch.Tensor:
-    from ray.rllib.core.columns import Columns
-
     with torch.no_grad():
         logits = module.forward_inference({Columns.OBS: x})[Columns.ACTION_DIST_INPUTS]
     return torch.softmax(logits.double(), dim=1)
@@ -124,6 +125,23 @@ def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, rout
         assert len(runners) == 2  # the driver's env runner and the remote one
         for module in runners:
             torch.testing.assert_close(router_probs(module, router_obs), after)
+
+        # The experts' initial spread: log-std outputs log(expert_init_std) for every observation,
+        # on the env runners too; RLlib's default is about log(1) = 0.
+        def log_stds(module):
+            out = module.forward_inference({Columns.OBS: router_obs})[Columns.ACTION_DIST_INPUTS]
+            return out[:, 2:].detach()
+
+        expert = "expert_2"  # unipc
+        assert log_stds(algo.get_module(expert)).abs().mean() < 0.5
+        warm_start_experts(algo, dataclasses.replace(cfg, expert_init_std=0.3))
+        remote = algo.env_runner_group.foreach_env_runner(
+            lambda runner: runner.module[expert], local_env_runner=False
+        )
+        for module in [algo.get_module(expert), *remote]:
+            torch.testing.assert_close(
+                log_stds(module), torch.full((len(router_obs), 2), float(np.log(0.3)))
+            )
 
         # The env runner samples with it: the env applies router action j as experts[j].
         usage = algo.train()["env_runners"]["rldiff"]["expert_usage"]
