@@ -30,6 +30,7 @@ from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, model_fingerprint
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES
 from rldiff.seeds import initial_noise
+from rldiff.shipped_cache import seed_cache
 from rldiff.solvers import EXPERT_NAMES
 
 EVAL_SEED_OFFSET = 1_000_000
@@ -111,6 +112,8 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
     torch.set_num_threads(1)
     cfg.out.mkdir(parents=True, exist_ok=True)
     denoiser = load_model(cfg.model)
+    if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
+        print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
     use_ray = connect_ray(cfg.ray)
     print(f"evaluating on {cfg.n_samples} held-out samples; Ray tasks: {use_ray}")
     evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
@@ -178,8 +181,7 @@ def train_bandit_specs(cfg, denoiser, train: SeedSet, schedules: dict) -> list[P
 
 def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
     """The per-budget global schedule of every solver, cached per model and search setting."""
-    reference = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
-    key = f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{reference}-{cfg.search}"
+    key = schedule_cache_key(cfg, denoiser)
     path = cfg.cache / "global-schedules.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     todo = [
@@ -198,6 +200,12 @@ def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> d
         for s in cfg.global_solvers
         for b in cfg.budgets
     }
+
+
+def schedule_cache_key(cfg: EvaluateConfig, denoiser) -> str:
+    """What the global schedules depend on: model, training seeds, guidance, reference, search."""
+    reference = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
+    return f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{reference}-{cfg.search}"
 
 
 def _optimise(job, context) -> dict:

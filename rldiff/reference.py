@@ -384,7 +384,12 @@ def seed_bank(
     rule for bank files: model, seed set, guidance and solve are in the name, so training and
     evaluation share a bank and different settings never collide."""
     cond = Condition.make([s % 10 for s in seeds], guidance)
+    path = bank_path(cache, denoiser, name, len(seeds), guidance, steps)
+    return load_or_build(path, denoiser, seeds, cond, steps=steps, progress=progress)
+
+
+def bank_path(cache, denoiser: Denoiser, name: str, n: int, guidance: float, steps: int) -> Path:
+    """Where ``seed_bank`` keeps the bank of ``n`` seeds called ``name``."""
     model = model_fingerprint(denoiser)[:12]
     solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{steps}"
-    path = Path(cache) / f"reference-{model}-{name}-{len(seeds)}-g{guidance:g}-{solve}.parquet"
-    return load_or_build(path, denoiser, seeds, cond, steps=steps, progress=progress)
+    return Path(cache) / f"reference-{model}-{name}-{n}-g{guidance:g}-{solve}.parquet"

@@ -30,7 +30,8 @@ from rldiff.algo import TrainConfig, build_config, module_ids, warm_start
 from rldiff.env import training_references
 from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, PolicySpec, seed_set
 from rldiff.learned_policy import LearnedPolicy, export_policy
-from rldiff.models import load_model
+from rldiff.models import EMBEDDED, load_model
+from rldiff.shipped_cache import seed_cache
 from rldiff.solvers import EXPERT_NAMES
 
 CHECKPOINT = re.compile(r"^iter_(\d{4,})$")
@@ -67,6 +68,8 @@ def run_training(
         cfg = _resumed_config(cfg, out / "train_config.json")
     ev = evaluation_config(cfg, out, eval_samples, eval_overrides)
     denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
+    if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
+        print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
     started_ray = _start_ray(dashboard)
     try:
         if cfg.base_schedules is None:
