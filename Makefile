@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-OUT ?= runs/evaluate
+OUT ?= runs/main
 
 .PHONY: demo test test-slow lint clean
 
@@ -15,8 +15,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Trains moe and the ppo-single ablation on the embedded model, then the evaluation report. A
+# second run resumes: no more training, a fresh evaluation.
 demo: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/rldiff evaluate --out $(OUT) --ray local
+	OMP_NUM_THREADS=1 $(BIN)/rldiff train --model embedded --out $(OUT) --resume
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

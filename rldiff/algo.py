@@ -56,7 +56,9 @@ class TrainConfig:
     budgets: tuple[int, ...] = (3, 4, 5, 6, 8, 10)  # per-sample NFE budgets, drawn per sample
     guidance: tuple[float, ...] = (1.0,)  # guidance scales, drawn per sample
     cost_per_nfe: float | tuple[float, ...] = 0.0  # reward cost per NFE (a tuple: drawn per sample)
-    n_train: int = 512  # training seeds 0 .. n_train - 1 (never the evaluation seeds)
+    # Training seeds 0 .. n_train - 1 (never the evaluation seeds): the evaluation protocol's own
+    # training seeds, so one reference bank serves the global search, the bandit and PPO.
+    n_train: int = 128
     base_expert: str = "unipc"  # solver of the base schedule that defines reward 0
     experts: tuple[str, ...] | None = None  # experts in play (None: all); one: no router module
     base_schedules: dict[int, list[float]] | None = None  # budget -> sigmas; None: logSNR split
@@ -85,7 +87,7 @@ class TrainConfig:
     minibatch_size: int = 256
     num_epochs: int = 4  # SGD passes over each train batch
     env_runners: int = 1  # remote env runners (0: sample in the driver)
-    iterations: int = 50  # training iterations (read by the driver, not by build_config)
+    iterations: int = 30  # training iterations (read by the driver, not by build_config)
     checkpoint_every: int = 10  # iterations between checkpoints, and one at the end (driver)
     seed: int = 0  # seeds RLlib, the modules and the env's draws
     env_overrides: dict = field(default_factory=dict)  # any other env_config key (e.g. device)
@@ -144,7 +146,7 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
             num_cpus_per_env_runner=1,
             num_gpus_per_env_runner=gpus_per_env_runner(cfg.env_runners),
         )
-        .learners(num_learners=0, num_gpus_per_learner=0)  # small MLPs: the GPU is the denoiser's
+        .learners(**learner_resources(cfg.env_runners))
         # A lost env runner (its node gone) is restarted elsewhere; the iteration goes on with
         # the others meanwhile, so training survives losing a worker node.
         .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
@@ -285,6 +287,18 @@ def gpus_per_env_runner(env_runners: int) -> float:
         else float(torch.cuda.device_count())
     )
     return 0 if gpus == 0 else min(1.0, gpus / env_runners)
+
+
+def learner_resources(env_runners: int) -> dict:
+    """A remote learner on a GPU of its own when the cluster has one more GPU than the env
+    runners take; else the learner runs in the driver on CPU (the modules are small MLPs: the
+    GPUs matter most for the denoiser in the env runners)."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    if gpus >= gpus_per_env_runner(env_runners) * env_runners + 1:
+        return {"num_learners": 1, "num_gpus_per_learner": 1}
+    return {"num_learners": 0, "num_gpus_per_learner": 0}
 
 
 class RoutingMetrics(RLlibCallback):

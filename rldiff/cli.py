@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from rldiff import evaluate, pretrain, train
+    from rldiff import evaluate, pretrain, submit, train
     from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="multi-agent PPO on the router + experts; export and evaluate the policy"
     )
     train.add_arguments(t)
+    s = commands.add_parser("submit", help=submit.DESCRIPTION)
+    submit.add_arguments(s)
 
     args = parser.parse_args(argv)
+    if args.command == "submit":
+        return submit.run(args)  # its own clear errors and exit codes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         if args.command == "pretrain":

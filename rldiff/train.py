@@ -403,9 +403,10 @@ def add_arguments(parser) -> None:
     run.add_argument("--eval-samples", type=_positive, default=512, help="held-out samples")
     run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
     run.add_argument(
-        "--ablations",
-        action="store_true",
-        help="also train ppo-single (the base expert alone) and evaluate it beside moe",
+        "--no-ablations",
+        dest="ablations",
+        action="store_false",
+        help="skip the ppo-single ablation (the base expert alone, trained after moe)",
     )
     p = parser.add_argument_group("training (TrainConfig)")
     p.add_argument("--model", default=d.model, help="embedded | gmm | a diffusers directory")

@@ -260,3 +260,18 @@ def test_missing_model_is_a_clear_error_before_ray_starts(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "gpus, runners, learner, per_runner",
+    [(0, 2, 0, 0), (2, 2, 0, 1), (3, 2, 1, 1), (1, 2, 0, 0.5), (1, 0, 1, 0)],
+)
+def test_gpus_go_to_env_runners_first_then_a_learner(
+    ray_local, monkeypatch, gpus, runners, learner, per_runner
+):
+    """Never a GPU the cluster lacks (that hangs); the denoiser's env runners come first."""
+    from rldiff.algo import gpus_per_env_runner, learner_resources
+
+    monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
+    assert gpus_per_env_runner(runners) == per_runner
+    assert learner_resources(runners) == {"num_learners": learner, "num_gpus_per_learner": learner}
