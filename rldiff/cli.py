@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from rldiff import evaluate, pretrain, submit, train
+    from rldiff import evaluate, pretrain, serve_command, submit, train
     from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_arguments(t)
     s = commands.add_parser("submit", help=submit.DESCRIPTION)
     submit.add_arguments(s)
+    v = commands.add_parser("serve", help="serve a policy over HTTP with Ray Serve (127.0.0.1)")
+    serve_command.add_arguments(v)
 
     args = parser.parse_args(argv)
     if args.command == "submit":
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"policy: {out['policy']}")
             if "evaluation" in out:
                 print(f"report: {args.out / 'evaluation' / 'report.md'}")
+        elif args.command == "serve":
+            return serve_command.run(args)
     except (FileNotFoundError, ValueError, ReferenceBankError) as err:  # no stack trace
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,318 @@
+"""The Ray Serve application: a FastAPI ingress composed with the sampler deployment.
+
+``Ingress`` (CPU, light) answers HTTP: API key, body size, request validation, JSON errors, request
+metrics. ``Sampler`` holds the model and the policies (``Catalog``); concurrent requests are merged
+by ``@serve.batch`` (and, while the sampler is busy, by ``RunMerger``) into one sampler run
+(``run_jobs``) and split back. Its ``user_config`` names the learned policy directory: redeploying
+with another one calls ``reconfigure`` and swaps it in place; a directory that fails to load
+leaves the old policy serving and is reported by ``GET /v1/policy``. ``build_app`` is the application builder:
+
+    serve run serve.app:build_app model=gmm policy=train-gmm3/policy policy_root=runs
+"""
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from rldiff.serving.merge import RunMerger
+from rldiff.serving.schemas import (
+    BUDGET_SEMANTICS,
+    ErrorResponse,
+    GenerateBatchRequest,
+    GenerateBatchResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Job,
+    Limits,
+    RequestProblem,
+    check_batch,
+    check_generate,
+)
+
+logger = logging.getLogger("ray.serve")
+DEFAULT_BATCH_WAIT_S = 0.005  # how long a sampler run waits for more requests to merge
+
+
+class AppArgs(BaseModel):
+    """``build_app`` arguments (``serve run ... key=value``; all optional, unknown ones refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "embedded"  # embedded | gmm | a local diffusers directory (safetensors only)
+    policy: str | None = None  # learned policy directory, relative to policy_root
+    policy_root: str = "runs"  # policy directories load only from inside this directory
+    evaluation: str | None = None  # an evaluation directory: best hand-built when degraded
+    device: str = "cpu"  # the model's device: cpu, cuda, or auto (cuda where the replica has one)
+    api_key_env: str = "RLDIFF_API_KEY"  # the environment variable holding the API key
+    api_key_file: str | None = None  # or a file holding it (first line)
+    require_api_key: bool = False  # refuse to start without a key (the cluster config sets it)
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    access_log: bool = True
+    max_samples: int = Limits.max_samples
+    max_batch_requests: int = Limits.max_batch_requests
+    max_batch_samples: int = Limits.max_batch_samples
+    min_budget: int = Limits.min_budget
+    max_budget: int = Limits.max_budget
+    min_guidance: float = Limits.min_guidance
+    max_guidance: float = Limits.max_guidance
+    max_body_bytes: int = Limits.max_body_bytes
+
+    def limits(self) -> Limits:
+        return Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
+
+
+def _samples_in(items: list[tuple[Job, float]]) -> int:
+    """The size of a merged sampler run: samples, not requests."""
+    return sum(len(job.seeds) for job, _ in items)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=256,  # = max_batch_size * max_concurrent_batches: full batches
+    health_check_period_s=10,
+)
+class Sampler:
+    """The model, the policies and the batched sampler."""
+
+    def __init__(
+        self, model: str, policy_root: str, evaluation: str | None, batch: dict, device: str
+    ):
+        import torch
+
+        from rldiff.models import load_model
+        from rldiff.serving.catalog import Catalog
+        from rldiff.serving.metrics import SamplerMetrics
+
+        torch.set_num_threads(1)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.catalog = Catalog(model, load_model(model, device), policy_root, evaluation)
+        self.metrics = SamplerMetrics()
+        self.failures = 0  # consecutive failed sampler runs: the health check's signal
+        self.run.set_max_batch_size(batch["max_samples"])
+        self.run.set_batch_wait_timeout_s(batch["wait_s"])
+        self.merger = RunMerger(self._run_merged, batch["max_samples"], size=_samples_in)
+        self.metrics.set_degraded(True)  # until reconfigure loads a policy
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Loads ``user_config["policy"]``; on failure the policy in service stays."""
+        policy = (user_config or {}).get("policy")
+        ok = self.catalog.swap(policy)
+        self.metrics.record_swap(ok, self.catalog.degraded)
+        swap = self.catalog.last_swap
+        if ok:
+            logger.info(f"policy {policy} loaded")
+        else:
+            state = "degraded" if self.catalog.degraded else "the previous policy stays"
+            logger.warning(f"policy {policy} not loaded ({swap['error']}); {state}")
+
+    async def generate(self, job: Job) -> dict:
+        """One request: checked here (the model and policies live here), then batched."""
+        from rldiff.serving.engine import check_job
+
+        problem = check_job(self.catalog, job)
+        if problem is not None:
+            return problem.body()
+        return await self.run((job, time.perf_counter()))
+
+    @serve.batch(
+        max_batch_size=Limits.max_batch_samples,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+        max_concurrent_batches=4,  # hand batches over at once: RunMerger merges the waiting ones
+        batch_size_fn=_samples_in,
+    )
+    async def run(self, items: list[tuple[Job, float]]) -> list[dict]:
+        out = await self.merger.submit(items)
+        for response in out:
+            self.metrics.record(response)
+        return out
+
+    def _run_merged(self, items: list[tuple[Job, float]]) -> list[dict]:
+        """One sampler run over every merged request (in a thread, one at a time)."""
+        from rldiff.serving.engine import run_jobs
+
+        try:
+            out = run_jobs(self.catalog, [j for j, _ in items], [t for _, t in items])
+        except Exception:
+            self.failures += 1
+            raise
+        self.failures = 0
+        self.metrics.record_batch(_samples_in(items))
+        return out
+
+    def describe(self) -> dict:
+        """The catalog's report, and which replica answered (a hot swap keeps the replica)."""
+        return {**self.catalog.info(), "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def check_health(self) -> None:
+        if self.failures >= 3:
+            raise RuntimeError(f"the last {self.failures} sampler runs failed")
+
+
+app = FastAPI(
+    title="rldiff",
+    description="Samples drawn with a learned per-sample, per-step sampling schedule "
+    "(router + solver experts), with the schedule each sample followed.",
+    version="1",
+)
+ERRORS = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [
+        (400, "body is not JSON"),
+        (401, "missing or wrong API key"),
+        (413, "body too large"),
+        (422, "a field is out of range or of the wrong type"),
+    ]
+}
+
+
+def _schema_body(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    return JSONResponse(
+        {"status": exc.status_code, "error": str(exc.detail), "details": []}, exc.status_code
+    )
+
+
+# Defined before Ingress: serve.ingress pickles the routes as they are when the class is made.
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise RequestProblem(f"body larger than {limit} bytes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestProblem(f"body larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise RequestProblem(f"body is not valid JSON: {err}", status=400) from None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    """HTTP: auth, body size, validation, errors as JSON; the work goes to ``Sampler``."""
+
+    def __init__(self, sampler, limits: dict, key: dict):
+        from rldiff.serving.auth import ApiKey
+        from rldiff.serving.metrics import IngressMetrics
+
+        self.sampler = sampler
+        self.limits = Limits(**limits)
+        self.key = ApiKey.load(key["env"], key["file"], key["required"])
+        self.metrics = IngressMetrics()
+        logger.info(f"API key required: {self.key.enabled}")
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=ERRORS,
+        openapi_extra=_schema_body(GenerateRequest),
+    )
+    async def generate(self, request: Request):
+        """Samples under one policy and budget, with each sample's schedule and explanation."""
+        return await self._serve(request, "/v1/generate", self._generate)
+
+    @app.post(
+        "/v1/generate/batch",
+        response_model=GenerateBatchResponse,
+        responses=ERRORS,
+        openapi_extra=_schema_body(GenerateBatchRequest),
+    )
+    async def generate_batch(self, request: Request):
+        """Many independent requests in one call; answers in the same order."""
+        return await self._serve(request, "/v1/generate/batch", self._generate_batch)
+
+    @app.get("/v1/policy", responses=ERRORS)
+    async def policy(self, request: Request):
+        """The policy and model loaded, their evaluation, degradation, the last swap, limits."""
+        return await self._serve(request, "/v1/policy", self._policy)
+
+    async def _generate(self, body) -> dict:
+        job = check_generate(body, self.limits)
+        return await self._submit(job)
+
+    async def _generate_batch(self, body) -> dict:
+        jobs = check_batch(body, self.limits)
+        answers = await asyncio.gather(*(self._submit(j) for j in jobs), return_exceptions=True)
+        for i, answer in enumerate(answers):
+            if isinstance(answer, RequestProblem):
+                raise RequestProblem(str(answer), f"requests[{i}].{answer.field}", answer.status)
+            if isinstance(answer, BaseException):
+                raise answer
+        return {"responses": answers}
+
+    async def _policy(self, body) -> dict:
+        info = await self.sampler.describe.remote()
+        extra = {"limits": self.limits.as_dict(), "budget": BUDGET_SEMANTICS}
+        return {**info, **extra, "api_key_required": self.key.enabled}
+
+    async def _submit(self, job: Job) -> dict:
+        answer = await self.sampler.generate.remote(job)
+        if "error" in answer:
+            detail = (answer["details"] or [{"field": ""}])[0]
+            raise RequestProblem(answer["error"], detail["field"], answer["status"])
+        return answer
+
+    async def _serve(self, request: Request, route: str, handler) -> JSONResponse:
+        start = time.perf_counter()
+        try:
+            refused = self.key.check(request.headers.get("authorization"))
+            if refused:
+                raise RequestProblem(refused, status=401)
+            body = None
+            if request.method == "POST":
+                body = _parse(await _read_limited(request, self.limits.max_body_bytes))
+            result = await handler(body)
+            if isinstance(result, dict) and "samples" in result:
+                result["timings"]["total_ms"] = (time.perf_counter() - start) * 1e3
+            elif isinstance(result, dict) and "responses" in result:
+                for r in result["responses"]:
+                    r["timings"]["total_ms"] = (time.perf_counter() - start) * 1e3
+            status, content = 200, result
+        except RequestProblem as problem:
+            status, content = problem.status, problem.body()
+        except Exception:  # a fault of the service, never of the request: logged, not echoed
+            logger.exception(f"{route} failed")
+            status = 500
+            content = {"status": 500, "error": "internal error", "details": []}
+        self.metrics.record(route, status, time.perf_counter() - start)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(content, status, headers=headers)
+
+
+def build_app(args) -> serve.Application:
+    """The application: ``args`` is a dict of ``AppArgs`` fields (strings from the CLI are fine)."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args or {}))
+    limits = args.limits()
+    root = Path(args.policy_root).resolve()
+    evaluation = str(Path(args.evaluation).resolve()) if args.evaluation else None
+    key = {"env": args.api_key_env, "file": args.api_key_file, "required": args.require_api_key}
+    if args.api_key_file:
+        key["file"] = str(Path(args.api_key_file).resolve())
+    batch = {"max_samples": limits.max_batch_samples, "wait_s": args.batch_wait_s}
+    logging_config = {"enable_access_log": args.access_log}
+    sampler = Sampler.options(
+        user_config={"policy": args.policy}, logging_config=logging_config
+    ).bind(args.model, str(root), evaluation, batch, args.device)
+    return Ingress.options(logging_config=logging_config).bind(sampler, limits.as_dict(), key)

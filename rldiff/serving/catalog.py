@@ -1,0 +1,225 @@
+"""What the service can serve: the model, the learned policy (hot-swappable), and the baselines.
+
+Policies are built exactly as the evaluation builds them (``rldiff.evaluate.PolicySpec``), so a
+name served at a budget is the policy that was measured under that name. Learned policies load only
+from directories inside the configured root (no path traversal); their evaluation (``results.parquet``
+of the training run, beside the policy) gives the best hand-built schedule per budget, served when
+no learned policy could be loaded (``degraded``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rldiff.evaluate import EvaluateConfig, PolicySpec
+from rldiff.schedules import SCHEDULES
+from rldiff.solvers import EXPERT_NAMES
+
+LEARNED = "learned"
+ADAPTIVE = "adaptive:dpmpp-2m"
+HAND_BUILT = tuple(f"fixed:{s}/{k}" for s in EXPERT_NAMES for k in SCHEDULES)
+
+
+def default_hand_built(budget: int) -> str:
+    """The best hand-built schedule measured on the embedded model (README, ``make demo``), used
+    when no evaluation of the served model is at hand."""
+    if budget <= 3:
+        return "fixed:dpmpp-2m/time-uniform"
+    return "fixed:unipc/time-uniform" if budget <= 6 else "fixed:unipc/logsnr-uniform"
+
+
+@dataclass
+class Learned:
+    """A loaded learned policy and what was measured about it."""
+
+    policy: object  # rldiff.learned_policy.LearnedPolicy
+    directory: str  # relative to the policy root
+    spec: dict  # policy.json
+    evaluation: dict[int, dict]  # budget -> figures of the training run's evaluation
+    loaded_at: float
+
+    @property
+    def budgets(self) -> list[int] | None:
+        """Budgets it serves: those with a warm-start schedule (None: any budget)."""
+        schedules = self.spec["warm_start"]["schedules"]
+        return None if schedules is None else sorted(int(b) for b in schedules)
+
+
+class Catalog:
+    """The served model and policies. ``swap`` replaces the learned policy atomically."""
+
+    def __init__(self, model: str, denoiser, root, evaluation: str | None = None):
+        from rldiff.reference import model_fingerprint
+
+        self.model, self.denoiser = model, denoiser
+        self.root = Path(root).resolve()
+        self.fingerprint = model_fingerprint(denoiser)
+        self.num_classes = _num_classes(denoiser)
+        self.learned: Learned | None = None
+        self.last_swap: dict | None = None
+        self.fallback = _evaluation(Path(evaluation), model) if evaluation else {}
+        self.adaptive_tol = EvaluateConfig().adaptive_tol
+        self._baselines: dict[tuple[str, int], object] = {}
+
+    @property
+    def degraded(self) -> bool:
+        return self.learned is None
+
+    def swap(self, directory: str | None) -> bool:
+        """Loads the learned policy in ``directory`` (inside the root) and swaps it in; on failure
+        the policy in service stays and the error is kept in ``last_swap``. Returns success."""
+        record = {"requested": directory, "at": time.time()}
+        try:
+            if not directory:
+                raise ValueError("no policy directory configured")
+            self.learned = self._load(directory)
+            self._baselines = {}  # global:<solver> comes from the policy's warm start
+            self.last_swap = {**record, "ok": True, "error": None}
+            return True
+        except Exception as err:  # any failure to load leaves the service as it was
+            self.last_swap = {**record, "ok": False, "error": f"{type(err).__name__}: {err}"}
+            return False
+
+    def _load(self, directory: str) -> Learned:
+        from rldiff.learned_policy import LearnedPolicy
+
+        path = self.inside_root(directory)
+        policy = LearnedPolicy.load(path)
+        spec = policy.spec
+        trained_on = spec.get("model", {}).get("fingerprint")
+        if trained_on != self.fingerprint:
+            raise ValueError(
+                f"policy {directory} was trained on another model ({spec.get('model', {}).get('spec')}, "
+                f"fingerprint {str(trained_on)[:12]}) than the one served ({self.model}, "
+                f"{self.fingerprint[:12]})"
+            )
+        evaluation = _evaluation(path.parent / "evaluation", self.model)
+        return Learned(policy, str(path.relative_to(self.root)), spec, evaluation, time.time())
+
+    def inside_root(self, directory: str) -> Path:
+        """``directory`` (relative to the root, or absolute) resolved; it must lie in the root."""
+        path = (self.root / directory).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"policy directory {directory!r} is outside the policy root")
+        if not path.is_dir():
+            raise FileNotFoundError(f"policy directory {directory!r} does not exist in the root")
+        return path
+
+    def names(self) -> list[str]:
+        """Every policy name a request may ask for."""
+        return [LEARNED, *self._global_names(), ADAPTIVE, *HAND_BUILT]
+
+    def resolve(self, name: str, budget: int) -> tuple[str, tuple, object]:
+        """``(served name, batching key, policy)`` for a request; raises ``LookupError`` with a
+        message for the client when the name or the budget cannot be served."""
+        learned = self.learned
+        if name == LEARNED and learned is not None:
+            if learned.budgets is not None and budget not in learned.budgets:
+                raise LookupError(
+                    f"the learned policy serves budgets {learned.budgets}, not {budget}"
+                )
+            return learned.policy.name, (LEARNED, id(learned)), learned.policy
+        if name == LEARNED:  # degraded: the best hand-built schedule for the budget
+            name = self.best_hand_built(budget)
+        key = (name, budget)
+        if key not in self._baselines:
+            self._baselines[key] = self._spec(name, budget).build(self.denoiser.noise)
+        return name, key, self._baselines[key]
+
+    def best_hand_built(self, budget: int) -> str:
+        table = self.learned.evaluation if self.learned else self.fallback
+        row = table.get(budget, {})
+        return row.get("best_hand_built") or default_hand_built(budget)
+
+    def _spec(self, name: str, budget: int) -> PolicySpec:
+        if name in HAND_BUILT:
+            solver, schedule = name.removeprefix("fixed:").split("/")
+            return PolicySpec(name, "hand-built", solver, budget, schedule=schedule)
+        if name == ADAPTIVE:
+            return PolicySpec(name, "adaptive", "dpmpp-2m", budget, tol=self.adaptive_tol)
+        if name in self._global_names():
+            schedules = self.learned.spec["warm_start"]["schedules"]
+            if str(budget) not in schedules:
+                raise LookupError(f"{name} is known for budgets {sorted(map(int, schedules))}")
+            sigmas = tuple(float(s) for s in schedules[str(budget)])
+            return PolicySpec(name, "global", name.removeprefix("global:"), budget, sigmas=sigmas)
+        raise LookupError(f"unknown policy {name!r}; GET /v1/policy lists the policies served")
+
+    def _global_names(self) -> list[str]:
+        """The optimised global schedule of the learned policy's base expert (its warm start)."""
+        learned = self.learned
+        if learned is None or learned.spec["warm_start"]["schedules"] is None:
+            return []
+        return [f"global:{learned.spec['base_expert']}"]
+
+    def info(self) -> dict:
+        """What /v1/policy reports."""
+        learned = self.learned
+        described = None
+        if learned is not None:
+            training = learned.spec.get("training", {})
+            described = {
+                "name": learned.policy.name,
+                "directory": learned.directory,
+                "experts": [e["name"] for e in learned.spec["experts"]],
+                "router": learned.spec["router"] is not None,
+                "budgets": learned.budgets,
+                "base_expert": learned.spec.get("base_expert"),
+                "trained_iterations": training.get("iteration"),
+                "untrained": bool(training.get("untrained", False)),
+                "loaded_at": learned.loaded_at,
+            }
+        return {
+            "model": {
+                "spec": self.model,
+                "fingerprint": self.fingerprint,
+                "classes": self.num_classes,
+            },
+            "learned": described,
+            "degraded": self.degraded,
+            "serving": "learned policy" if learned else "best hand-built schedule per budget",
+            "evaluation": {
+                str(b): row for b, row in (learned.evaluation if learned else self.fallback).items()
+            },
+            "last_swap": self.last_swap,
+            "policies": self.names(),
+        }
+
+
+def _num_classes(denoiser) -> int:
+    """Class labels the model knows (0..n-1); -1 is always 'no class'."""
+    null = getattr(denoiser, "null_class", None)
+    if null is not None:
+        return int(null)
+    means = getattr(denoiser, "means", None)
+    return 0 if means is None else int(means.shape[0])
+
+
+def _evaluation(directory: Path, model: str) -> dict[int, dict]:
+    """Per budget, from an evaluation's ``results.parquet`` of the same model: the best hand-built
+    schedule, the best global schedule and the learned policy, with their mean reference RMSE.
+    Empty when there is none or it was run on another model."""
+    import pyarrow.parquet as pq
+
+    results, config = directory / "results.parquet", directory / "config.json"
+    if not results.is_file():
+        return {}
+    if config.is_file() and json.loads(config.read_text()).get("model") != model:
+        return {}
+    table: dict[int, dict] = {}
+    for row in pq.read_table(results).to_pylist():
+        entry = table.setdefault(int(row["budget"]), {})
+        family = {"hand-built": "hand_built", "global": "global", "learned": "learned"}.get(
+            row["family"]
+        )
+        if family is None:
+            continue
+        best = entry.get(f"best_{family}_rmse")
+        if best is None or row["rmse_mean"] < best:
+            entry[f"best_{family}"] = row["policy"]
+            entry[f"best_{family}_rmse"] = float(row["rmse_mean"])
+            entry[f"best_{family}_mean_nfe"] = float(row["mean_nfe"])
+    return dict(sorted(table.items()))

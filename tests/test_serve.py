@@ -1,0 +1,586 @@
+"""The Serve application: request checks, API key, policy root, degradation and explanations
+without Ray; then one app on 127.0.0.1 (exact mixture model, an untrained exported policy),
+deployed as ``serve deploy`` deploys ``serve/config.yaml``: 401/200, served == sampler, a 500-request
+fuzz, batch calls, and a hot swap under load with its failed requests counted."""
+
+import json
+import random
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from rldiff.denoisers import Condition
+from rldiff.evaluate import PolicySpec
+from rldiff.models import load_model
+from rldiff.sampler import sample
+from rldiff.schedules import get_schedule
+from rldiff.seeds import initial_noise
+from rldiff.serving.auth import ApiKey
+from rldiff.serving.catalog import Catalog, default_hand_built
+from rldiff.serving.engine import check_job, run_jobs
+from rldiff.serving.explain import explain
+from rldiff.serving.schemas import Limits, RequestProblem, check_batch, check_generate
+from rldiff.solvers import EXPERT_NAMES, steps_for_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGETS = (4, 6)
+KEY = "k" * 8 + "-test-key-0123"
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_model("gmm")
+
+
+@pytest.fixture(scope="module")
+def policy_root(tmp_path_factory, gmm):
+    """``good/policy`` (untrained, warm start on logSNR schedules for budgets 4 and 6) with an
+    evaluation beside it, ``copy/policy`` (the same policy elsewhere), ``broken/policy``,
+    ``other-model/policy`` (trained on another model, as far as its fingerprint says)."""
+    from rldiff.serving.untrained import untrained_policy
+
+    root = tmp_path_factory.mktemp("policies")
+    schedules = {
+        b: get_schedule("logsnr-uniform", steps_for_budget("unipc", b), gmm.noise).tolist()
+        for b in BUDGETS
+    }
+    untrained_policy(root / "good" / "policy", "gmm", BUDGETS, schedules)
+    rows = [
+        {"policy": name, "family": family, "budget": b, "rmse_mean": rmse, "mean_nfe": float(b)}
+        for b in BUDGETS
+        for name, family, rmse in [
+            ("fixed:euler/karras", "hand-built", 0.2),
+            ("fixed:heun/karras", "hand-built", 0.1),
+            ("global:unipc", "global", 0.05),
+        ]
+    ]
+    (root / "good" / "evaluation").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "good" / "evaluation" / "results.parquet")
+    (root / "good" / "evaluation" / "config.json").write_text(json.dumps({"model": "gmm"}))
+    shutil.copytree(root / "good" / "policy", root / "copy" / "policy")
+    (root / "broken" / "policy").mkdir(parents=True)
+    (root / "broken" / "policy" / "policy.json").write_text("{not json")
+    shutil.copytree(root / "good" / "policy", root / "other-model" / "policy")
+    spec_path = root / "other-model" / "policy" / "policy.json"
+    spec = json.loads(spec_path.read_text())
+    spec["model"]["fingerprint"] = "0" * 64
+    spec_path.write_text(json.dumps(spec))
+    return root
+
+
+@pytest.fixture(scope="module")
+def catalog(gmm, policy_root):
+    c = Catalog("gmm", gmm, policy_root)
+    assert c.swap("good/policy"), c.last_swap
+    return c
+
+
+# --- requests, limits, key: no Ray ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, field, fragment",
+    [
+        ({"budget": "5"}, "budget", "valid integer"),
+        ({"budget": 5.5}, "budget", "valid integer"),
+        ({"budget": True}, "budget", "valid integer"),
+        ({"budget": 0}, "budget", "greater than or equal to 1"),
+        ({"budget": 21}, "budget", "[1, 20]"),
+        ({"n": 17}, "n", "at most 16"),
+        ({"seeds": list(range(17))}, "n", "at most 16"),
+        ({"seeds": -1}, "seeds", "[0, 2**62)"),
+        ({"seeds": [1, 2], "labels": [1]}, "request", "same length"),
+        ({"n": 3, "seeds": [1, 2]}, "request", "n is 3"),
+        ({"guidance": 11.0}, "guidance", "[0.0, 10.0]"),
+        ({"guidance": -0.5}, "guidance", "[0.0, 10.0]"),
+        ({"labels": -2}, "labels", "not a class"),
+        ({"policy": "../../etc/passwd"}, "policy", "never a path"),
+        ({"policy": "/etc/passwd"}, "policy", "never a path"),
+        ({"policy": "Learned"}, "policy", "never a path"),
+        ({"output": "jpeg"}, "output", "'png' or 'array'"),
+        ({"budget": 5, "extra": 1}, "extra", "Extra inputs"),
+        ([1, 2], "request", "valid dictionary"),
+    ],
+)
+def test_bad_requests_name_the_field_and_the_problem(body, field, fragment):
+    with pytest.raises(RequestProblem) as info:
+        check_generate(body, Limits())
+    problem = info.value
+    assert problem.status == 422 and fragment in str(problem)
+    assert field in [d["field"] for d in problem.body()["details"]]
+
+
+def test_valid_requests_become_jobs():
+    job = check_generate({"seeds": 7, "n": 3, "labels": 2, "budget": 6}, Limits())
+    assert job.seeds == [7, 8, 9] and job.labels == [2, 2, 2] and job.budget == 6
+    assert job.policy == "learned" and job.output == "png" and job.guidance == 1.0
+    random_seeds = check_generate({}, Limits())
+    assert len(random_seeds.seeds) == 1 and random_seeds.labels == [-1]
+    jobs = check_batch({"requests": [{"seeds": [1, 2]}, {"labels": [3, 4, 5]}]}, Limits())
+    assert [len(j.seeds) for j in jobs] == [2, 3]
+
+
+def test_batch_limits_count_requests_and_samples():
+    limits = Limits(max_batch_requests=2, max_batch_samples=20)
+    with pytest.raises(RequestProblem, match="at most 2 per call"):
+        check_batch({"requests": [{}] * 3}, limits)
+    with pytest.raises(RequestProblem, match="21 samples in all"):
+        check_batch({"requests": [{"n": 16}, {"n": 5}]}, limits)
+    with pytest.raises(RequestProblem) as info:
+        check_batch({"requests": [{}, {"budget": 99}]}, limits)
+    assert info.value.field == "requests[1].budget"
+
+
+def test_api_key_is_checked_in_constant_time_and_never_shown(tmp_path, monkeypatch):
+    assert ApiKey(None).check(None) is None  # no key configured: open
+    key = ApiKey(KEY)
+    assert "missing" in key.check(None)
+    assert "malformed" in key.check(KEY)
+    assert key.check("Bearer " + KEY[:-1] + "x") == "invalid API key"
+    assert key.check("Bearer " + KEY) is None and key.check("bearer " + KEY) is None
+    assert KEY not in repr(key) and KEY not in str(vars(key).keys())
+    with pytest.raises(ValueError, match="at least 16"):
+        ApiKey("short")
+    (tmp_path / "key").write_text(KEY + "\n")
+    assert ApiKey.load(file=str(tmp_path / "key")).check("Bearer " + KEY) is None
+    monkeypatch.setenv("RLDIFF_TEST_KEY", KEY)
+    assert ApiKey.load(env="RLDIFF_TEST_KEY").enabled
+    monkeypatch.delenv("RLDIFF_TEST_KEY")
+    assert not ApiKey.load(env="RLDIFF_TEST_KEY").enabled
+    with pytest.raises(ValueError, match="required"):
+        ApiKey.load(env="RLDIFF_TEST_KEY", required=True)
+
+
+def test_app_arguments_and_the_serve_command_fail_clearly(tmp_path, monkeypatch):
+    import argparse
+
+    from rldiff import serve_command
+    from rldiff.serving.app import build_app
+
+    with pytest.raises(ValueError, match="max_samples <= max_batch_samples"):
+        build_app({"max_samples": "100"})
+    with pytest.raises(ValueError, match="polciy"):
+        build_app({"polciy": "x"})
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--port", "70000"])
+    args = parser.parse_args(["--policy-root", str(tmp_path), "--require-api-key"])
+    assert args.host == "127.0.0.1" and args.port == 8000
+    monkeypatch.delenv("RLDIFF_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="API key is required"):
+        serve_command.run(args)  # before any Ray starts
+    args = parser.parse_args(["--policy-root", str(tmp_path / "nope")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        serve_command.run(args)
+
+
+# --- catalog and engine: no Ray ------------------------------------------------------------
+
+
+def test_policies_load_only_from_inside_the_root(gmm, policy_root, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(policy_root / "good" / "policy", outside)
+    (policy_root / "link").symlink_to(outside)
+    c = Catalog("gmm", gmm, policy_root)
+    for directory in ("../outside", str(outside), "link", "good/../../outside"):
+        assert not c.swap(directory)
+        assert "outside the policy root" in c.last_swap["error"]
+    assert c.degraded
+    assert c.swap(str(policy_root / "good" / "policy"))  # absolute, but inside: fine
+
+
+def test_failed_swaps_keep_the_policy_in_service_and_are_reported(gmm, policy_root):
+    c = Catalog("gmm", gmm, policy_root)
+    assert c.swap("good/policy")
+    served = c.learned
+    for directory, message in [
+        ("broken/policy", "JSONDecodeError"),
+        ("other-model/policy", "trained on another model"),
+        ("missing/policy", "does not exist"),
+        (None, "no policy directory"),
+    ]:
+        assert not c.swap(directory)
+        assert message in c.last_swap["error"] and c.last_swap["requested"] == directory
+        assert c.learned is served and not c.degraded
+    info = c.info()
+    assert info["learned"]["directory"] == "good/policy" and not info["last_swap"]["ok"]
+
+
+def test_degraded_service_serves_the_best_hand_built_schedule(gmm, policy_root):
+    c = Catalog("gmm", gmm, policy_root, evaluation=str(policy_root / "good" / "evaluation"))
+    assert not c.swap("broken/policy") and c.degraded
+    assert c.resolve("learned", 4)[0] == "fixed:heun/karras"  # lowest RMSE in the evaluation
+    assert c.resolve("learned", 5)[0] == default_hand_built(5)  # no row for 5: the default
+    job = check_generate({"seeds": [3], "budget": 4}, Limits())
+    (response,) = run_jobs(c, [job])
+    assert response["degraded"] and response["policy"] == "fixed:heun/karras"
+    assert c.info()["degraded"] and "global:unipc" not in c.names()
+
+
+def test_learned_policy_refuses_budgets_it_was_not_trained_for(catalog):
+    job = check_generate({"budget": 5}, Limits())
+    assert "serves budgets [4, 6]" in str(check_job(catalog, job))
+    job = check_generate({"budget": 5, "policy": "fixed:unipc/warp"}, Limits())
+    assert "unknown policy" in str(check_job(catalog, job))
+    job = check_generate({"labels": 10}, Limits())
+    assert check_job(catalog, job).field == "labels"
+
+
+def test_a_busy_sampler_takes_everything_waiting_in_its_next_run():
+    import asyncio
+
+    from rldiff.serving.merge import RunMerger
+
+    release = threading.Event()
+
+    def run(items):
+        release.wait(timeout=10)  # the first run is "busy" until the others have queued
+        return [item * 10 for item in items]
+
+    async def scenario():
+        merger = RunMerger(run, max_size=5)
+        calls = [asyncio.create_task(merger.submit([0, 100]))]
+        await asyncio.sleep(0.05)  # the first run has started and is busy
+        calls += [asyncio.create_task(merger.submit([i, i + 100])) for i in range(1, 4)]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*calls)
+        return merger.runs, results
+
+    runs, results = asyncio.run(scenario())
+    assert results == [[i * 10, (i + 100) * 10] for i in range(4)]
+    assert runs == [2, 4, 2]  # the first alone, then what waited, up to max_size (5) items
+
+
+def expected(denoiser, policy, seeds, labels, guidance, budget):
+    """The evaluation's sampler on the same seeds, conditions, policy and budget."""
+    noise = initial_noise(seeds, tuple(denoiser.sample_shape))
+    cond = Condition.make(labels, guidance, batch=len(seeds))
+    return sample(denoiser, policy, noise, cond, budget, seeds)
+
+
+def test_merged_requests_equal_the_sampler_run_alone(catalog, gmm):
+    """Requests of different budgets and policies merged into one call: each equals the
+    evaluation sampler on its own seeds, up to float32 rounding (a merged batch changes the order
+    of the mixture model's reductions: measured up to 4e-6). Alone, a request is bit-identical."""
+    bodies = [
+        {"seeds": [11, 12], "labels": [1, 2], "budget": 4},
+        {"seeds": [13], "labels": 3, "budget": 6, "guidance": 2.0},
+        {"seeds": [14, 15], "labels": 4, "budget": 4, "policy": "fixed:euler-ancestral/karras"},
+        {"seeds": [16], "budget": 6, "policy": "global:unipc"},
+    ]
+    jobs = [check_generate(dict(b, output="array"), Limits()) for b in bodies]
+    responses = run_jobs(catalog, jobs)
+    assert [r["timings"]["batch_samples"] for r in responses] == [3, 3, 2, 1]
+    for job, response in zip(jobs, responses, strict=True):
+        if job.policy == "learned":
+            policy = catalog.learned.policy
+        elif job.policy == "global:unipc":
+            sigmas = tuple(catalog.learned.spec["warm_start"]["schedules"][str(job.budget)])
+            policy = PolicySpec("global:unipc", "global", "unipc", job.budget, sigmas=sigmas)
+            policy = policy.build(gmm.noise)
+        else:
+            policy = PolicySpec(
+                job.policy, "hand-built", "euler-ancestral", job.budget, schedule="karras"
+            ).build(gmm.noise)
+        alone = expected(gmm, policy, job.seeds, job.labels, job.guidance, job.budget)
+        served = torch.tensor([s["array"] for s in response["samples"]], dtype=alone.x0.dtype)
+        torch.testing.assert_close(served, alone.x0, rtol=0, atol=2e-5)
+        assert [s["nfe"] for s in response["samples"]] == alone.nfe.tolist()
+        assert all(s["nfe"] <= job.budget for s in response["samples"])
+
+
+def test_explanations_describe_the_chosen_schedule():
+    steps = [
+        {"sigma": 80.0, "expert": "unipc", "noise": 0.0, "confidence": 0.9},
+        {"sigma": 5.0, "expert": "unipc", "noise": 0.0, "confidence": 0.95},
+        {"sigma": 0.5, "expert": "euler-ancestral", "noise": 0.3, "confidence": 0.41},
+    ]
+    text = explain("moe", steps, 3, 5)
+    assert "3 steps, 3 of 5 NFE (2 left unused)" in text
+    assert "unipc at steps 1-2, euler-ancestral at step 3" in text
+    assert "0.41-0.95 (least sure at step 3)" in text and "Fresh noise at step(s) 3" in text
+    assert "confidence" not in explain(
+        "fixed:euler/karras", [dict(steps[0], confidence=None)], 1, 1
+    )
+
+
+# --- the Serve app on 127.0.0.1 ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_config(port: int, policy_root: Path, key_file: Path, policy: str) -> dict:
+    """``serve/config.yaml`` for this test: the mixture model, the test root, one replica each."""
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["logging_config"] = {"enable_access_log": False}
+    app = config["applications"][0]
+    app["args"].update(
+        model="gmm",
+        policy_root=str(policy_root),
+        evaluation=None,
+        api_key_file=str(key_file),
+        access_log=False,
+    )
+    for deployment in app["deployments"]:
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
+        if deployment["name"] == "Sampler":
+            deployment["user_config"] = {"policy": policy}
+    return config
+
+
+def deploy(config: dict) -> None:
+    """What ``serve deploy`` does: the dashboard hands the config to the Serve controller."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+class Service:
+    def __init__(self, url: str, config: dict):
+        import requests
+
+        self.url, self.config, self.http = url, config, requests.Session()
+        self.auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(self, path: str, body=None, headers=None, **kwargs):
+        return self.http.post(
+            self.url + path, json=body, headers=headers or self.auth, timeout=60, **kwargs
+        )
+
+    def get(self, path: str, headers=None):
+        return self.http.get(self.url + path, headers=headers or self.auth, timeout=60)
+
+    def swap(self, policy: str) -> None:
+        config = json.loads(json.dumps(self.config))
+        config["applications"][0]["deployments"][0]["user_config"] = {"policy": policy}
+        deploy(config)
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, policy_root, tmp_path_factory):
+    from ray import serve
+
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(KEY)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = deploy_config(port, policy_root, key_file, "good/policy")
+    assert config["applications"][0]["deployments"][0]["name"] == "Sampler"
+    try:
+        deploy(config)
+        yield Service(f"http://127.0.0.1:{port}", config)
+    finally:
+        serve.shutdown()
+
+
+def test_the_key_is_required(service):
+    body = {"seeds": [1], "budget": 4}
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 20}, {"Authorization": KEY}):
+        refused = service.post("/v1/generate", body, headers=headers or {"X": "1"})
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"] and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert service.get("/v1/policy", headers={"X": "1"}).status_code == 401
+    assert service.post("/v1/generate", body).status_code == 200
+    assert service.http.get(service.url + "/-/healthz").status_code == 200  # no key needed
+    assert service.http.get(service.url + "/docs").status_code == 200
+
+
+def test_served_samples_equal_the_evaluation_sampler(service, catalog, gmm):
+    body = {"seeds": [21, 22, 23], "labels": [0, 5, 9], "budget": 6, "output": "array"}
+    response = service.post("/v1/generate", body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["policy"] == "moe" and not data["degraded"] and data["model"] == "gmm"
+    alone = expected(gmm, catalog.learned.policy, [21, 22, 23], [0, 5, 9], 1.0, 6)
+    served = torch.tensor([s["array"] for s in data["samples"]], dtype=alone.x0.dtype)
+    assert torch.equal(served, alone.x0)
+    first = data["samples"][0]
+    assert first["schedule"][-1]["sigma_next"] == 0 and first["nfe"] == alone.nfe[0]
+    assert {step["expert"] for step in first["schedule"]} <= set(EXPERT_NAMES)
+    assert {"sigma", "expert", "noise", "confidence", "nfe"} <= set(first["schedule"][0])
+    assert first["explanation"].startswith("moe: ") and data["timings"]["total_ms"] > 0
+    png = service.post("/v1/generate", {"seeds": [21], "budget": 6}).json()
+    assert png["samples"][0]["png_base64"].startswith("iVBORw0KGgo")  # the PNG signature
+
+
+def test_policy_endpoint_and_batch_calls(service):
+    info = service.get("/v1/policy").json()
+    assert info["learned"]["directory"] == "good/policy" and info["learned"]["untrained"]
+    assert not info["degraded"] and info["api_key_required"]
+    assert info["evaluation"]["4"]["best_hand_built"] == "fixed:heun/karras"
+    assert "global:unipc" in info["policies"] and info["limits"]["max_samples"] == 16
+    body = {
+        "requests": [{"seeds": [1], "budget": 4}, {"n": 2, "budget": 6, "policy": "global:unipc"}]
+    }
+    answer = service.post("/v1/generate/batch", body)
+    assert answer.status_code == 200, answer.text
+    responses = answer.json()["responses"]
+    assert [r["policy"] for r in responses] == ["moe", "global:unipc"]
+    assert [len(r["samples"]) for r in responses] == [1, 2]
+    bad = service.post("/v1/generate/batch", {"requests": [{"budget": 4}, {"budget": 5}]})
+    assert bad.status_code == 422 and bad.json()["details"][0]["field"] == "requests[1].policy"
+
+
+HOSTILE_VALUES = [
+    None, "", "x" * 5000, -1, 0, 2**63, 10**30, 1e308, -1e308, 3.5, True, [], {}, [1] * 40,
+    ["a"], {"$gt": 1}, "../../etc/passwd", "/etc/shadow", "learned/../../x", "NaN", "\x00",
+    "fixed:unipc/../../../x", "C:\\Windows", "%2e%2e%2f", "learned\n", "ＬＥＡＲＮＥＤ",
+]  # fmt: skip
+FIELDS = ["n", "labels", "guidance", "seeds", "budget", "policy", "output"]
+
+
+def hostile_requests(count: int, seed: int = 0) -> list[tuple[str, str, bytes, dict]]:
+    """``(method, path, body, headers)``: wrong types, out-of-range values, huge bodies, bad
+    JSON, path-like policy names, unknown fields and routes, wrong methods."""
+    rng = random.Random(seed)
+    json_type = {"Content-Type": "application/json"}
+    fixed = [
+        ("POST", "/v1/generate", b"{bad json", json_type),
+        ("POST", "/v1/generate", b"", json_type),
+        ("POST", "/v1/generate", b"null", json_type),
+        ("POST", "/v1/generate", b"[" * 5000 + b"]" * 5000, json_type),
+        ("POST", "/v1/generate", b'{"budget": NaN}', json_type),
+        ("POST", "/v1/generate", b'{"guidance": Infinity}', json_type),
+        ("POST", "/v1/generate", b"\xff\xfe\x00garbage", {}),
+        ("POST", "/v1/generate", b" " * 70_000, json_type),
+        ("POST", "/v1/generate", json.dumps({"seeds": list(range(20_000))}).encode(), json_type),
+        ("POST", "/v1/generate/batch", json.dumps({"requests": [{}] * 40}).encode(), json_type),
+        ("POST", "/v1/generate/batch", b'{"requests": []}', json_type),
+        ("POST", "/v1/generate/batch", b'{"requests": "all"}', json_type),
+        ("GET", "/v1/generate", b"", {}),
+        ("DELETE", "/v1/policy", b"", {}),
+        ("POST", "/v1/../../etc/passwd", b"{}", json_type),
+        ("GET", "/v1/policy/../../../etc/passwd", b"", {}),
+        ("POST", "/v2/generate", b"{}", json_type),
+    ]
+    out = list(fixed)
+    while len(out) < count:
+        body = {"seeds": [rng.randrange(1000)], "budget": rng.choice(BUDGETS)}
+        for field in rng.sample(FIELDS, rng.randint(1, 3)):
+            body[field] = rng.choice(HOSTILE_VALUES)
+        if rng.random() < 0.1:
+            body[rng.choice(["x", "__proto__", "budget "])] = 1
+        path = "/v1/generate"
+        if rng.random() < 0.2:
+            body, path = {"requests": [body] * rng.randint(1, 3)}, "/v1/generate/batch"
+        out.append(("POST", path, json.dumps(body).encode(), json_type))
+    return out
+
+
+def test_fuzz_never_answers_5xx_and_every_4xx_says_why(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = hostile_requests(520)
+
+    def send(case):
+        method, path, body, headers = case
+        r = service.http.request(
+            method, service.url + path, data=body, headers={**service.auth, **headers}, timeout=60
+        )
+        return r.status_code, r.text
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, cases))
+    statuses = [s for s, _ in answers]
+    assert len(answers) >= 500
+    assert not [a for a in answers if a[0] >= 500], "5xx answers"
+    for status, text in answers:
+        if 400 <= status < 500:
+            error = json.loads(text)["error"]
+            assert isinstance(error, str) and len(error) > 5, text
+    assert statuses.count(422) > 250 and {400, 404, 405, 413} <= set(statuses)
+    chunked = service.http.post(  # no Content-Length: the streamed size is what counts
+        service.url + "/v1/generate",
+        data=iter([b"[" * 40_000, b"]" * 40_000]),
+        headers=service.auth,
+    )
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]
+    assert service.http.get(service.url + "/-/healthz").status_code == 200
+    assert service.post("/v1/generate", {"seeds": [1], "budget": 4}).status_code == 200
+
+
+def test_hot_swap_under_load_fails_no_request(service):
+    """Clients keep sending while the policy is swapped in place (a new directory), then a
+    broken one is deployed (refused, the swapped-in one keeps serving), then the original."""
+    counts = {"ok": 0, "failed": 0}
+    failures = []
+    stop = threading.Event()
+
+    def client(i):
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            r = service.post("/v1/generate", {"seeds": [i * 10_000 + n], "budget": 4})
+            if r.status_code == 200:
+                counts["ok"] += 1
+            else:
+                counts["failed"] += 1
+                failures.append((r.status_code, r.text[:200]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        replica = service.get("/v1/policy").json()["replica"]
+        service.swap("copy/policy")
+        info = service.get("/v1/policy").json()
+        assert info["learned"]["directory"] == "copy/policy" and info["last_swap"]["ok"]
+        assert info["replica"] == replica  # swapped in place (reconfigure), not replaced
+        service.swap("broken/policy")
+        info = service.get("/v1/policy").json()
+        assert info["learned"]["directory"] == "copy/policy"
+        assert not info["last_swap"]["ok"] and "JSONDecodeError" in info["last_swap"]["error"]
+        assert not info["degraded"]
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        service.swap("good/policy")
+    print(f"hot swap under load: {counts['ok']} ok, {counts['failed']} failed")
+    assert counts["failed"] == 0, failures[:3]
+    assert counts["ok"] > 20
+
+
+def test_metrics_reach_the_prometheus_endpoint(service, ray_local):
+    """Requests, latency, NFE, experts and swaps, as exported on this node's Ray metrics port."""
+    import requests
+
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    wanted = {
+        "ray_rldiff_requests_total",
+        "ray_rldiff_request_latency_ms_count",
+        "ray_rldiff_nfe_per_sample_count",
+        "ray_rldiff_expert_steps_total",
+        "ray_rldiff_samples_total",
+        "ray_rldiff_policy_swaps_total",
+    }
+    found: set[str] = set()
+    for _ in range(20):  # Ray exports every few seconds
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_rldiff")}
+        if wanted <= found:
+            break
+        time.sleep(2)
+    assert wanted <= found, sorted(found)
+    statuses = [line for line in text.splitlines() if line.startswith("ray_rldiff_requests_total")]
+    assert any('status="401"' in line for line in statuses)
+    assert any('status="200"' in line for line in statuses)
