@@ -23,8 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as is
 
 
@@ -37,9 +35,13 @@ def main() -> int:
         MODEL_CHECK,
         EvaluateConfig,
         ScoreCache,
+        load_score,
+        optimise_global_schedules,
         policy_specs,
         run_evaluation,
+        save_score,
         schedule_cache_key,
+        seed_set,
     )
     from rldiff.models import EMBEDDED, load_model
     from rldiff.reference import bank_path
@@ -53,13 +55,11 @@ def main() -> int:
         bank_path(args.cache, denoiser, name, n, cfg.guidance, cfg.reference_steps)
         for name, n in (("eval", cfg.n_samples), ("train", cfg.n_train))
     ]
+    train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
+    sigmas = optimise_global_schedules(cfg, denoiser, train, use_ray=False)  # cached: no search
     key = schedule_cache_key(cfg, denoiser)
     schedules = json.loads((args.cache / SCHEDULES).read_text())
     mine = {k: v for k, v in schedules.items() if k.startswith(f"{key}|")}
-    sigmas = {}
-    for k, v in mine.items():
-        _, solver, budget = k.split("|")
-        sigmas[(solver, int(budget))] = torch.tensor(v["sigmas"])
     scores = ScoreCache(cfg, denoiser)
     paths = [scores.path(s) for s in policy_specs(cfg, sigmas) + [MODEL_CHECK]]
 
@@ -67,8 +67,8 @@ def main() -> int:
     (SHIPPED / "scores").mkdir(parents=True)
     for bank in banks:
         shutil.copyfile(bank, SHIPPED / bank.name)
-    for path in paths:
-        shutil.copyfile(path, SHIPPED / "scores" / path.name)
+    for path in paths:  # saved anew: older cache entries may hold the whole batch, not the grid
+        save_score(SHIPPED / "scores" / path.name, load_score(path))
     (SHIPPED / SCHEDULES).write_text(json.dumps(mine, indent=1))
     files = sorted(p for p in SHIPPED.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)

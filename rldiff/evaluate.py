@@ -251,7 +251,7 @@ class ScoreCache:
     def score_all(self, specs, context, use_ray: bool) -> list[tuple[dict, torch.Tensor]]:
         """``_score`` of every spec, in order: the cached ones read, the others computed."""
         paths = [self.path(s) for s in specs]
-        found = [_load_score(p) if p is not None and p.exists() else None for p in paths]
+        found = [load_score(p) if p is not None and p.exists() else None for p in paths]
         todo = [i for i, f in enumerate(found) if f is None]
         if len(todo) < len(specs):
             print(f"{len(specs) - len(todo)} of {len(specs)} scores from {self.dir}")
@@ -259,11 +259,11 @@ class ScoreCache:
         for i, result in zip(todo, computed, strict=True):
             found[i] = result
             if paths[i] is not None:
-                _save_score(paths[i], result)
+                save_score(paths[i], result)
         return found
 
 
-def _load_score(path: Path) -> tuple[dict, torch.Tensor] | None:
+def load_score(path: Path) -> tuple[dict, torch.Tensor] | None:
     try:
         saved = torch.load(path, weights_only=True)
         return saved["row"], saved["grid"]
@@ -271,10 +271,10 @@ def _load_score(path: Path) -> tuple[dict, torch.Tensor] | None:
         return None
 
 
-def _save_score(path: Path, result: tuple[dict, torch.Tensor]) -> None:
+def save_score(path: Path, result: tuple[dict, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"row": result[0], "grid": result[1]}, tmp)
+    torch.save({"row": result[0], "grid": result[1].clone()}, tmp)  # clone: not the whole batch
     tmp.replace(path)
 
 
@@ -305,7 +305,7 @@ def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
     }
     if spec.family == "model":  # FD at the floor's sample size too: FD shrinks as n grows
         row["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
-    return row, x0[:GRID_SAMPLES]
+    return row, x0[:GRID_SAMPLES].clone()  # clone: a view would carry the whole batch along
 
 
 def expert_usage(result) -> dict[str, float]:
