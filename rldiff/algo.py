@@ -67,7 +67,7 @@ class TrainConfig:
     cache: str = ".cache/rldiff"  # reference banks live here
     lr: float = 3e-4  # Adam learning rate of every module
     entropy_coeff: float = 0.0  # entropy bonus of the expert modules
-    router_entropy_coeff: float = 0.05  # entropy bonus of the router (collapse guard)
+    router_entropy_coeff: float = 0.2  # entropy bonus of the router (collapse guard)
     # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
     # only, see warm_start_router). 0 or None: no warm start.
     router_warm_start: float | None = 0.8
