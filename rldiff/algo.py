@@ -3,7 +3,9 @@
 Collapse guard, two parts:
 
 - an entropy bonus of its own for the router (``router_entropy_coeff``, through RLlib's per-module
-  config overrides), so PPO keeps exploring the experts instead of locking onto one early;
+  config overrides), so PPO keeps exploring the experts instead of locking onto one early, and
+  every expert keeps getting rows to learn from; it is annealed (``router_entropy_final``) so the
+  router can commit to its best choices late in training, when the experts have learned;
 - a warm start toward the base expert (``router_warm_start``, a post-build step:
   ``warm_start_router``). The env's base schedule is the base expert's (``base_expert``) optimised
   global schedule, and a zero step action reproduces it, so "base expert, zero action" is a policy
@@ -67,7 +69,11 @@ class TrainConfig:
     cache: str = ".cache/rldiff"  # reference banks live here
     lr: float = 3e-4  # Adam learning rate of every module
     entropy_coeff: float = 0.0  # entropy bonus of the expert modules
-    router_entropy_coeff: float = 0.2  # entropy bonus of the router (collapse guard)
+    # Entropy bonus of the router (collapse guard), annealed linearly from router_entropy_coeff to
+    # router_entropy_final over the first router_entropy_anneal of the iterations (None: constant).
+    router_entropy_coeff: float = 0.2
+    router_entropy_final: float | None = 0.01
+    router_entropy_anneal: float = 0.67
     # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
     # only, see warm_start_router). 0 or None: no warm start.
     router_warm_start: float | None = 0.8
@@ -123,7 +129,7 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
     model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
     env_config = cfg.env_config()
     modules = module_ids(env_config["experts"])
-    overrides = {ROUTER: {"entropy_coeff": cfg.router_entropy_coeff}} if ROUTER in modules else {}
+    overrides = {ROUTER: {"entropy_coeff": router_entropy(cfg)}} if ROUTER in modules else {}
     return (
         PPOConfig()
         .environment(RoutingEnv, env_config=env_config)
@@ -163,6 +169,17 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
         .callbacks(RoutingMetrics)
         .debugging(seed=cfg.seed)
     )
+
+
+def router_entropy(cfg: TrainConfig) -> float | list[list[float]]:
+    """The router's entropy bonus: constant, or RLlib's piecewise-linear schedule over sampled env
+    steps (``train_batch_size`` per iteration) from ``router_entropy_coeff`` to
+    ``router_entropy_final`` at ``router_entropy_anneal`` of ``iterations``, then flat."""
+    final = cfg.router_entropy_final
+    if final is None or final == cfg.router_entropy_coeff:
+        return cfg.router_entropy_coeff
+    end = max(1, round(cfg.iterations * cfg.router_entropy_anneal)) * cfg.train_batch_size
+    return [[0, cfg.router_entropy_coeff], [end, final]]
 
 
 def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:

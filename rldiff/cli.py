@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from rldiff import evaluate, pretrain, serve_command, submit, train
+    from rldiff import evaluate, pretrain, serve_command, submit, train, tune
     from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_arguments(s)
     v = commands.add_parser("serve", help="serve a policy over HTTP with Ray Serve (127.0.0.1)")
     serve_command.add_arguments(v)
+    u = commands.add_parser(
+        "tune", help="Ray Tune search over the training config; winner picked on held-out seeds"
+    )
+    tune.add_arguments(u)
 
     args = parser.parse_args(argv)
     if args.command == "submit":
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"report: {args.out / 'evaluation' / 'report.md'}")
         elif args.command == "serve":
             return serve_command.run(args)
+        elif args.command == "tune":
+            return tune.run(args)
     except (FileNotFoundError, ValueError, ReferenceBankError) as err:  # no stack trace
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -229,7 +229,7 @@ class ScoreCache:
     is the one measured when the row was first computed. Learned and bandit policies are always
     scored afresh (their files change)."""
 
-    VERSION = 1  # bump when _score's row changes meaning
+    VERSION = 1  # bump when score_policy's row changes meaning
 
     def __init__(self, cfg: EvaluateConfig, denoiser):
         self.dir = Path(cfg.cache) / "scores"
@@ -249,13 +249,15 @@ class ScoreCache:
         return self.dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
 
     def score_all(self, specs, context, use_ray: bool) -> list[tuple[dict, torch.Tensor]]:
-        """``_score`` of every spec, in order: the cached ones read, the others computed."""
+        """``score_policy`` of every spec, in order: the cached ones read, the others computed."""
         paths = [self.path(s) for s in specs]
         found = [load_score(p) if p is not None and p.exists() else None for p in paths]
         todo = [i for i, f in enumerate(found) if f is None]
         if len(todo) < len(specs):
             print(f"{len(specs) - len(todo)} of {len(specs)} scores from {self.dir}")
-        computed = parallel_map(_score, [specs[i] for i in todo], context, use_ray, "policies")
+        computed = parallel_map(
+            score_policy, [specs[i] for i in todo], context, use_ray, "policies"
+        )
         for i, result in zip(todo, computed, strict=True):
             found[i] = result
             if paths[i] is not None:
@@ -278,7 +280,7 @@ def save_score(path: Path, result: tuple[dict, torch.Tensor]) -> None:
     tmp.replace(path)
 
 
-def _score(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
+def score_policy(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
     denoiser, ev, metrics = context
     policy = spec.build(denoiser.noise)
     start = time.perf_counter()

@@ -25,7 +25,7 @@ def connect_ray(mode: str) -> bool:
         return False
     if mode == "local":
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1 only
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     return True

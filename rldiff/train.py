@@ -70,7 +70,7 @@ def run_training(
     denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
     if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
         print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
-    started_ray = _start_ray(dashboard)
+    started_ray = start_ray(dashboard)
     try:
         if cfg.base_schedules is None:
             cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
@@ -87,7 +87,7 @@ def run_training(
             if name != LEARNED_NAME:
                 summary.setdefault("ablations", {})[name] = done
         if evaluate:
-            summary["evaluation"] = _evaluate(ev, policies, denoiser)
+            summary["evaluation"] = evaluate_policies(ev, policies, denoiser)
     finally:
         if started_ray:
             import ray
@@ -184,7 +184,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
             start = time.perf_counter()
             result = algo.train()
             seconds.append(time.perf_counter() - start)
-            row = _iteration_row(result, modules, seconds[-1])
+            row = iteration_row(result, modules, seconds[-1])
             ran.append(row["iteration"])
             _log(row, writer, out / "progress.jsonl")
             if row["iteration"] % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
@@ -203,7 +203,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
     }
 
 
-def _iteration_row(result: dict, modules, seconds: float) -> dict:
+def iteration_row(result: dict, modules, seconds: float) -> dict:
     """The figures worth keeping from RLlib's result dict, flat and JSON-able."""
     runners = result.get("env_runners", {})
     custom = _flatten(runners.get("rldiff", {}))
@@ -266,7 +266,7 @@ def _save(algo, directory: Path) -> Path:
     return path
 
 
-def _evaluate(ev: EvaluateConfig, policies: dict[str, str], denoiser) -> list[dict]:
+def evaluate_policies(ev: EvaluateConfig, policies: dict[str, str], denoiser) -> list[dict]:
     """The protocol with the learned policies (name -> exported directory) beside every
     baseline, plus ``schedules.png`` of the main one (``moe``)."""
     from rldiff.evaluate import run_evaluation
@@ -326,7 +326,7 @@ def plot_schedules(policy, ev: EvaluateConfig, denoiser, path: Path) -> None:
     plt.close(fig)
 
 
-def _start_ray(dashboard: bool) -> bool:
+def start_ray(dashboard: bool) -> bool:
     """Connects to ``RAY_ADDRESS`` when set, else starts a local Ray on 127.0.0.1 only; returns
     whether this call started (or connected) it, so the caller shuts it down again."""
     import ray
@@ -335,9 +335,9 @@ def _start_ray(dashboard: bool) -> bool:
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
+    else:  # "local": a new Ray of its own, never some other Ray that happens to run here
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # must precede the start
-        ray.init(include_dashboard=dashboard)
+        ray.init(address="local", include_dashboard=dashboard)
     return True
 
 
@@ -424,12 +424,19 @@ def add_arguments(parser) -> None:
     p.add_argument("--n-train", type=_positive, default=d.n_train, help="training seeds")
     p.add_argument("--base-expert", choices=EXPERT_NAMES, default=d.base_expert)
     p.add_argument("--experts", type=_names(EXPERT_NAMES), help="experts in play (default: all)")
-    p.add_argument("--step-range", type=_float_above(1.0), default=d.step_range)
+    p.add_argument("--step-range", type=float_above(1.0), default=d.step_range)
     p.add_argument("--reference-steps", type=_positive, default=d.reference_steps)
     p.add_argument("--cache", default=d.cache, help="reference / schedule cache directory")
-    p.add_argument("--lr", type=_float_above(0.0), default=d.lr)
+    p.add_argument("--lr", type=float_above(0.0), default=d.lr)
     p.add_argument("--entropy-coeff", type=float, default=d.entropy_coeff)
     p.add_argument("--router-entropy-coeff", type=float, default=d.router_entropy_coeff)
+    p.add_argument(
+        "--router-entropy-final",
+        type=float,
+        default=d.router_entropy_final,
+        help="router entropy bonus reached after --router-entropy-anneal of the iterations",
+    )
+    p.add_argument("--router-entropy-anneal", type=float, default=d.router_entropy_anneal)
     p.add_argument(
         "--router-warm-start",
         type=_warm_start,
@@ -438,18 +445,18 @@ def add_arguments(parser) -> None:
     )
     p.add_argument(
         "--expert-init-std",
-        type=_float_above(0.0),
+        type=float_above(0.0),
         default=d.expert_init_std,
         help="initial std of the experts' Gaussian actions in [-1, 1] units",
     )
-    p.add_argument("--clip", type=_float_above(0.0), default=d.clip)
+    p.add_argument("--clip", type=float_above(0.0), default=d.clip)
     p.add_argument("--gamma", type=float, default=d.gamma)
     p.add_argument("--lambda", dest="lambda_", type=float, default=d.lambda_)
     p.add_argument("--hidden", type=_ints, default=d.hidden, help="comma-separated MLP sizes")
     p.add_argument("--train-batch-size", type=_positive, default=d.train_batch_size)
     p.add_argument("--minibatch-size", type=_positive, default=d.minibatch_size)
     p.add_argument("--num-epochs", type=_positive, default=d.num_epochs)
-    p.add_argument("--env-runners", type=_non_negative, default=d.env_runners)
+    p.add_argument("--env-runners", type=non_negative, default=d.env_runners)
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -470,6 +477,8 @@ def config_from_args(args) -> TrainConfig:
         lr=args.lr,
         entropy_coeff=args.entropy_coeff,
         router_entropy_coeff=args.router_entropy_coeff,
+        router_entropy_final=args.router_entropy_final,
+        router_entropy_anneal=args.router_entropy_anneal,
         router_warm_start=args.router_warm_start,
         expert_init_std=args.expert_init_std,
         clip=args.clip,
@@ -511,7 +520,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _non_negative(text: str) -> int:
+def non_negative(text: str) -> int:
     import argparse
 
     if not text.strip().isdigit():
@@ -531,7 +540,7 @@ def _warm_start(text: str) -> float:
     return value
 
 
-def _float_above(low: float):
+def float_above(low: float):
     def parse(text: str) -> float:
         import argparse
 

@@ -150,3 +150,17 @@ def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, rout
         assert usage["heun"] + usage["euler"] == pytest.approx(0.2, abs=0.1)
     finally:
         algo.stop()
+
+
+def test_router_entropy_bonus_is_annealed_over_sampled_env_steps():
+    from rldiff.algo import router_entropy
+
+    cfg = TrainConfig(iterations=30, train_batch_size=256, router_entropy_coeff=0.2)
+    assert router_entropy(cfg) == [[0, 0.2], [20 * 256, 0.01]]  # 2/3 of 30 iterations
+    assert router_entropy(dataclasses.replace(cfg, router_entropy_final=None)) == 0.2
+    config = build_config(cfg)
+    assert config.algorithm_config_overrides_per_module[ROUTER]["entropy_coeff"] == [
+        [0, 0.2],
+        [5120, 0.01],
+    ]
+    assert config.get_config_for_module("expert_2").entropy_coeff == cfg.entropy_coeff

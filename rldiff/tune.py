@@ -1,0 +1,469 @@
+"""A Ray Tune search over the training configuration, then a winner picked on held-out seeds.
+
+Each trial is one training run: a Tune function trainable (``train_trial``) turns the trial's
+parameters into a ``TrainConfig`` (``trial_config``), builds the algorithm with
+``rldiff.algo.build_config`` (the one RLlib config builder), warm-starts the router on a fresh
+start, and reports namespaced metrics (``rldiff/*``, ``charts/*``, ``losses/<module>/*``) with a
+checkpoint to Tune every ``checkpoint_every`` iterations. When Tune restarts a trial (a failure
+within ``max_failures``, or a resumed search) it continues from ``tune.get_checkpoint()``.
+
+What is shared by every trial is prepared once on the driver before the search, as in
+``rldiff.train.run_training``: the base expert's optimised global schedule per budget (the warm
+start) and the training reference bank (cached on disk for the trials to read).
+
+Early stopping: ASHA on ``rldiff/rmse_vs_base`` (training-seed RMSE over the base schedule's,
+lower is better). Concurrency: as many trials as the cluster's CPUs (and GPUs) hold, each trial
+taking 1 CPU plus 1 per env runner. After the search, ``rldiff.tune_report`` exports every
+finished trial, scores it on held-out seeds and exports the winner. Output layout under ``out``::
+
+    tune.json  search/ (Tune's experiment: one trial_<id>/ per trial)  trials/<id>/policy/
+    trials.parquet  trials.csv  trials.png  winner/{policy/, train_config.json, trial.json,
+    evaluation/}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from ray.tune import Callback
+
+from rldiff.algo import (
+    TrainConfig,
+    build_config,
+    gpus_per_env_runner,
+    module_ids,
+    warm_start,
+)
+from rldiff.env import experts_in_use, training_references
+from rldiff.models import EMBEDDED, EXACT_GMM, load_model
+from rldiff.train import (
+    base_schedules,
+    config_from_json,
+    evaluation_config,
+    iteration_row,
+    start_ray,
+)
+
+METRIC, MODE = "rldiff/rmse_vs_base", "min"  # ASHA's metric: training quality vs the base
+EXPERIMENT = "search"  # Tune's experiment directory name under the storage path
+SETTINGS_FILE = "tune.json"
+
+# Search spaces: parameter -> [kind, arguments]; the kinds are Tune's sampling functions. JSON-able
+# (saved in tune.json). "hidden" is "<width>x<width>...", "experts" "all" or comma-separated names.
+QUICK_SPACE = {
+    "lr": ["loguniform", 1e-4, 1e-3],
+    "router_entropy_coeff": ["loguniform", 0.02, 0.5],  # around the default 0.2
+    "entropy_coeff": ["choice", [0.0, 0.001, 0.01]],
+    "clip": ["choice", [0.1, 0.2, 0.3]],
+    "hidden": ["choice", ["32x32", "64x64", "128x128"]],
+    "cost_per_nfe": ["choice", [0.0, 0.005, 0.02]],
+    "step_range": ["uniform", 1.2, 2.0],
+    "experts": ["choice", ["all", "unipc,dpmpp-2m,heun", "unipc,dpmpp-2m"]],
+    "router_warm_start": ["choice", [0.8, 0.95]],
+}
+FULL_SPACE = {
+    **QUICK_SPACE,
+    "hidden": ["choice", ["64x64", "128x128", "256x256", "128x128x128"]],
+    "experts": ["choice", ["all", "unipc,dpmpp-2m,heun", "unipc,dpmpp-2m", "unipc"]],
+    "num_epochs": ["choice", [2, 4, 8]],
+    "lambda_": ["choice", [0.9, 0.95, 1.0]],
+}
+SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class TuneSettings:
+    """One search: the base training config, the space, how trials stop, fail, run and are scored."""
+
+    preset: str = "quick"
+    train: TrainConfig = field(default_factory=TrainConfig)  # every trial: this + its parameters
+    space: dict = field(default_factory=lambda: dict(QUICK_SPACE))
+    num_samples: int = 8  # trials
+    grace_period: int = 4  # ASHA: iterations before a trial can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1 / reduction_factor at each rung
+    max_failures: int = 2  # restarts of a failed trial (from its last checkpoint)
+    max_concurrent: int | None = None  # None: as many as the cluster's resources hold
+    storage_path: str | None = None  # None: the output directory; NFS path or s3:// for clusters
+    select_samples: int = 512  # held-out selection samples each finished trial is scored on
+    eval_samples: int = 512  # held-out samples of the winner's evaluation report
+    target_budgets: tuple[int, ...] | None = None  # budgets the winner is picked at (None: all)
+    tie_tolerance: float = 0.01  # relative score difference treated as a tie (then: fewer NFE)
+    search_seed: int = 0  # seeds the sampling of the search space
+    time_budget_s: float | None = None  # seconds; then all trials stop, the winner is picked
+
+
+PRESETS = {
+    # The exact mixture model, TrainConfig's batch sizes: about 9 s per iteration with 2 trials
+    # at a time on 2 shared cores (13 s under heavy load); 8 trials of at most 16 iterations,
+    # ASHA halving at 4 and 8 iterations: 9 minutes in all (17 under heavy load).
+    "quick": lambda: TuneSettings(
+        preset="quick",
+        train=TrainConfig(model=EXACT_GMM, env_runners=0, iterations=16, checkpoint_every=1),
+        space=dict(QUICK_SPACE),
+        num_samples=8,
+        grace_period=4,
+        reduction_factor=2,
+    ),
+    # The embedded UNet on a GPU cluster: two env runners per trial (one GPU each where the
+    # cluster has them), 32 trials of up to 200 iterations, ASHA thirds at 20, 60 and 180.
+    "full": lambda: TuneSettings(
+        preset="full",
+        train=TrainConfig(
+            model=EMBEDDED, env_runners=2, iterations=200, train_batch_size=512, checkpoint_every=10
+        ),
+        space=dict(FULL_SPACE),
+        num_samples=32,
+        grace_period=20,
+        reduction_factor=3,
+        max_failures=3,
+    ),
+}
+
+
+def search_space(space: dict) -> dict:
+    """Tune's param space from the JSON description (see ``QUICK_SPACE``)."""
+    from ray import tune
+
+    out = {}
+    for name, (kind, *args) in space.items():
+        if kind not in SAMPLERS:
+            raise ValueError(f"search space {name}: unknown kind {kind!r}; use one of {SAMPLERS}")
+        out[name] = getattr(tune, kind)(*args)
+    return out
+
+
+def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
+    """The ``TrainConfig`` of one trial: ``base`` with the trial's parameters (``hidden`` as
+    "64x64", ``experts`` as "all" or comma-separated names, everything else as is)."""
+    values = dict(params)
+    if "hidden" in values:
+        values["hidden"] = tuple(int(h) for h in str(values["hidden"]).split("x"))
+    if "experts" in values:
+        names = str(values["experts"])
+        values["experts"] = None if names == "all" else tuple(names.split(","))
+        experts_in_use(values["experts"])  # unknown names fail here, not in a trial
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"search space: {unknown} are not TrainConfig fields")
+    return dataclasses.replace(base, **values)
+
+
+def train_trial(params: dict, base: TrainConfig) -> None:
+    """Tune function trainable: trains ``trial_config(base, params)``, reporting every iteration
+    and checkpointing every ``checkpoint_every`` and at the end; resumes from Tune's checkpoint."""
+    from ray import tune
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    torch.set_num_threads(1)
+    cfg = trial_config(base, params)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        algo = build_config(cfg).build_algo()
+        warm_start(algo, cfg)  # fresh trials only: a checkpoint has its trained modules
+    else:
+        with checkpoint.as_directory() as directory:
+            algo = Algorithm.from_checkpoint(str(Path(directory).resolve()))
+    modules = module_ids(cfg.env_config()["experts"])
+    try:
+        while algo.iteration < cfg.iterations:
+            start = time.perf_counter()
+            result = algo.train()
+            metrics = trial_metrics(iteration_row(result, modules, time.perf_counter() - start))
+            if algo.iteration % cfg.checkpoint_every and algo.iteration < cfg.iterations:
+                tune.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory(prefix="rldiff-checkpoint-") as directory:
+                algo.save(directory)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    finally:
+        algo.stop()
+
+
+def trial_metrics(row: dict) -> dict:
+    """A training iteration's row, every key namespaced (Tune's TensorBoard tags), ``METRIC``
+    always present (NaN before any episode ended) since ASHA reads it from every result."""
+    metrics = {k: v for k, v in row.items() if "/" in k}
+    metrics["charts/env_steps"] = row["env_steps"]
+    metrics["charts/seconds_per_iteration"] = row["seconds"]
+    metrics.setdefault(METRIC, math.nan)
+    return metrics
+
+
+def trial_bundles(cfg: TrainConfig) -> list[dict]:
+    """Resources of one trial: 1 CPU for its driver (and learner), 1 CPU per env runner plus the
+    GPU share ``build_config`` will ask for (placement groups capture the runners)."""
+    gpu = gpus_per_env_runner(cfg.env_runners)
+    runner = {"CPU": 1, **({"GPU": gpu} if gpu else {})}
+    return [{"CPU": 1}] + [dict(runner) for _ in range(cfg.env_runners)]
+
+
+def concurrency(bundles: list[dict], resources: dict, num_samples: int) -> int:
+    """How many trials the cluster holds at once (at least 1, at most ``num_samples``)."""
+    n = int(resources.get("CPU", 0) // sum(b["CPU"] for b in bundles))
+    gpus = sum(b.get("GPU", 0) for b in bundles)
+    if gpus:
+        n = min(n, int(resources.get("GPU", 0) / gpus + 1e-9))
+    return max(1, min(n, num_samples))
+
+
+def run_tune(
+    settings: TuneSettings,
+    out: Path,
+    resume: bool = False,
+    eval_overrides: dict | None = None,
+    callbacks: list | None = None,
+    dashboard: bool = False,
+) -> dict:
+    """Runs (or resumes) the search, then scores, tabulates and exports the winner
+    (``rldiff.tune_report``). Returns a summary; ``status`` is "interrupted" when the search was
+    stopped before every trial finished (``resume`` continues it). ``eval_overrides`` replace
+    ``EvaluateConfig`` fields (small protocols in tests); ``callbacks`` are extra Tune callbacks."""
+    from ray import tune
+
+    from rldiff.tune_report import summarise, target_budgets
+
+    torch.set_num_threads(1)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / SETTINGS_FILE).exists():
+        settings = _resumed_settings(settings, out / SETTINGS_FILE)
+    cfg = _absolute_paths(settings.train)
+    storage = settings.storage_path or str(out)
+    experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
+    target_budgets(settings)  # fails fast on budgets the trials are not trained at
+    ev = evaluation_config(cfg, out, settings.eval_samples, eval_overrides)
+    denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
+    started_ray = start_ray(dashboard)
+    try:
+        import ray
+
+        restore = tune.Tuner.can_restore(experiment)
+        if restore and not resume:
+            raise ValueError(f"{experiment} holds a search already: pass --resume or a new --out")
+        if resume and not restore:
+            print(f"nothing to resume in {experiment}: starting a new search")
+        if cfg.base_schedules is None:
+            cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
+        settings = dataclasses.replace(settings, train=cfg)
+        (out / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+        training_references(denoiser, cfg.env_config())  # built once here, cached for the trials
+        bundles = trial_bundles(cfg)
+        limit = settings.max_concurrent or concurrency(
+            bundles, ray.cluster_resources(), settings.num_samples
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=cfg),
+            tune.PlacementGroupFactory(bundles, strategy="PACK"),
+        )
+        print(
+            f"search: {settings.num_samples} trials of up to {cfg.iterations} iterations, "
+            f"{limit} at a time ({sum(b['CPU'] for b in bundles)} CPU each) -> {experiment}"
+        )
+        start = time.perf_counter()
+        if restore:
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        else:
+            tuner = _new_tuner(settings, trainable, storage, limit, callbacks or [])
+        grid = tuner.fit()
+        seconds = time.perf_counter() - start
+        finished = finished_trials(experiment)
+        if finished < settings.num_samples:
+            print(f"search interrupted: {finished}/{settings.num_samples} trials finished")
+            return {"status": "interrupted", "experiment": experiment, "finished": finished}
+        summary = summarise(grid, settings, out, ev, denoiser)
+        return {"status": "done", "experiment": experiment, "search_seconds": seconds, **summary}
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def finished_trials(experiment: str) -> int:
+    """Trials finished (or failed for good) in the experiment's saved state. Not the result grid's
+    statuses: after an interruption Tune stops the running trials as TERMINATED in memory, but it
+    saved their state as running first, and that is what a resumed search continues."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _new_tuner(settings: TuneSettings, trainable, storage: str, limit: int, callbacks: list):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=settings.train.iterations,
+        grace_period=min(settings.grace_period, settings.train.iterations),
+        reduction_factor=settings.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(settings.space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            scheduler=scheduler,
+            # max_concurrent_trials is ignored beside a generator instance: the limit goes here.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=limit, random_state=settings.search_seed
+            ),
+            num_samples=settings.num_samples,
+            time_budget_s=settings.time_budget_s,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=storage,
+            stop={"training_iteration": settings.train.iterations},
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            callbacks=[ProgressLines(), *callbacks],
+            verbose=0,  # ProgressLines prints one line per trial result instead
+        ),
+    )
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Trials run in their own working directories: relative paths must not follow them."""
+    model = cfg.model
+    if model not in (EMBEDDED, EXACT_GMM) and Path(model).exists():
+        model = str(Path(model).resolve())
+    return dataclasses.replace(cfg, cache=str(Path(cfg.cache).resolve()), model=model)
+
+
+def _resumed_settings(settings: TuneSettings, path: Path) -> TuneSettings:
+    """The saved settings of the search being resumed (its space, trials and scoring)."""
+    saved = settings_from_json(json.loads(path.read_text()))
+    differ = [
+        f.name
+        for f in dataclasses.fields(TuneSettings)
+        if f.name != "train" and getattr(saved, f.name) != getattr(settings, f.name)
+    ]
+    new, old = _absolute_paths(settings.train), saved.train
+    differ += [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "base_schedules" and getattr(new, f.name) != getattr(old, f.name)
+    ]
+    if differ:
+        print(f"resuming with the saved settings; ignoring the new {', '.join(differ)}")
+    return saved
+
+
+def settings_from_json(data: dict) -> TuneSettings:
+    """``tune.json`` back to ``TuneSettings``."""
+    data = dict(data)
+    data["train"] = config_from_json(data["train"])
+    if data.get("target_budgets") is not None:
+        data["target_budgets"] = tuple(data["target_budgets"])
+    return TuneSettings(**data)
+
+
+class ProgressLines(Callback):
+    """One line per trial result, start, finish and failure."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        print(f"{trial.trial_id} start | {params}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(
+            f"{trial.trial_id} iter {result['training_iteration']:4d} | "
+            f"rmse/base {result.get(METRIC, math.nan):.3f} | "
+            f"reward {result.get('rldiff/reward_mean', math.nan):+.3f} | "
+            f"nfe {result.get('rldiff/nfe_mean', math.nan):.2f} | "
+            f"H(router) {result.get('rldiff/router_entropy', math.nan):.3f} | "
+            f"{result.get('charts/seconds_per_iteration', math.nan):.1f} s",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        print(f"{trial.trial_id} done at iteration {last.get('training_iteration')}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{trial.trial_id} failed: see {trial.path}/error.txt", flush=True)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def add_arguments(parser) -> None:
+    """The ``rldiff tune`` flags: a preset, then overrides of its settings (unset: the preset's)."""
+    from rldiff.evaluate import _budgets, _positive
+    from rldiff.train import float_above, non_negative
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, help="output directory of the search")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="see docs/tune.md")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
+    run.add_argument(
+        "--storage-path", help="where Tune keeps trials (default: --out; NFS path or s3:// URI)"
+    )
+    p = parser.add_argument_group("search (overrides of the preset)")
+    p.add_argument("--samples", dest="num_samples", type=_positive, help="trials")
+    p.add_argument("--iterations", type=_positive, help="training iterations per trial (max)")
+    p.add_argument("--model", help="embedded | gmm | a diffusers directory")
+    p.add_argument("--cache", help="reference / schedule cache directory")
+    p.add_argument("--env-runners", type=non_negative, help="remote env runners per trial")
+    p.add_argument("--grace-period", type=_positive, help="ASHA: iterations before stopping")
+    p.add_argument("--max-concurrent", type=_positive, help="trials at once (default: derived)")
+    p.add_argument("--max-failures", type=non_negative, help="restarts of a failed trial")
+    p.add_argument("--select-samples", type=_positive, help="held-out samples to pick the winner")
+    p.add_argument("--eval-samples", type=_positive, help="held-out samples of the winner report")
+    p.add_argument("--target-budgets", type=_budgets, help="budgets the winner is picked at")
+    p.add_argument("--tie-tolerance", type=float_above(-1e-12), help="relative score tie")
+    p.add_argument("--search-seed", type=int, help="seed of the search space sampling")
+    p.add_argument(
+        "--time-budget-s", type=float_above(0.0), help="stop every trial after this long"
+    )
+
+
+def settings_from_args(args) -> TuneSettings:
+    """The preset with the flags that were given."""
+    settings = PRESETS[args.preset]()
+    train = {k: getattr(args, k) for k in ("iterations", "model", "cache", "env_runners")}
+    train = {k: v for k, v in train.items() if v is not None}
+    keys = ("num_samples", "grace_period", "max_concurrent", "max_failures", "select_samples")
+    keys += ("eval_samples", "target_budgets", "tie_tolerance", "search_seed", "storage_path")
+    keys += ("time_budget_s",)
+    values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    storage = values.get("storage_path")
+    if storage and "://" not in storage:
+        values["storage_path"] = str(Path(storage).resolve())
+    return dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, **train), **values
+    )
+
+
+def run(args) -> int:
+    """``rldiff tune``: 0 when the search finished, 130 when it was interrupted (resumable)."""
+    summary = run_tune(
+        settings_from_args(args), args.out, resume=args.resume, dashboard=args.dashboard
+    )
+    if summary["status"] == "interrupted":
+        print(f"resume with: rldiff tune --out {args.out} --resume")
+        return 130
+    print(f"trials: {args.out / 'trials.csv'} ({summary['finished']}/{summary['trials']} finished)")
+    if summary.get("winner_dir"):
+        print(f"winner: {summary['winner_dir']}")
+        print(f"report: {Path(summary['winner_dir']) / 'evaluation' / 'report.md'}")
+    return 0
