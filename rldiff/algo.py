@@ -93,7 +93,7 @@ class TrainConfig:
     minibatch_size: int = 256
     num_epochs: int = 4  # SGD passes over each train batch
     env_runners: int = 1  # remote env runners (0: sample in the driver)
-    iterations: int = 30  # training iterations (read by the driver, not by build_config)
+    iterations: int = 40  # training iterations (read by the driver, not by build_config)
     checkpoint_every: int = 10  # iterations between checkpoints, and one at the end (driver)
     seed: int = 0  # seeds RLlib, the modules and the env's draws
     env_overrides: dict = field(default_factory=dict)  # any other env_config key (e.g. device)
