@@ -249,9 +249,14 @@ def _log(row: dict, writer, progress: Path) -> None:
         f"reward {row.get('rldiff/reward_mean', math.nan):+.3f} | "
         f"rmse/base {row.get('rldiff/rmse_vs_base', math.nan):.3f} | "
         f"nfe {row.get('rldiff/nfe_mean', math.nan):.2f} | usage {usage or '-'} | "
-        f"H(router) {row.get('rldiff/router_entropy', math.nan):.3f} | {row['seconds']:.1f} s",
+        f"H(router) {_entropy_text(row)} | {row['seconds']:.1f} s",
         flush=True,
     )
+
+
+def _entropy_text(row: dict) -> str:
+    entropy = row.get("rldiff/router_entropy")
+    return "-" if entropy is None else f"{entropy:.3f}"  # "-": no router (one expert)
 
 
 def _save(algo, directory: Path) -> Path:
