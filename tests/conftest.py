@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import struct  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -44,3 +46,25 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+def _event_tags(directory) -> dict[str, list[int]]:
+    """Scalar tags -> steps in the TensorBoard event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags: dict[str, list[int]] = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+            i += 12 + n + 4
+    return tags
+
+
+@pytest.fixture(scope="session")
+def event_tags():
+    """Reads TensorBoard event files without TensorBoard: ``event_tags(directory)``."""
+    return _event_tags

@@ -3,7 +3,6 @@ resume, the exported policy (same actions as inside RLlib) and its evaluation.""
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,23 +59,7 @@ def trained(ray_local, tiny, tmp_path_factory):
     return out, summary
 
 
-def event_tags(directory) -> dict[str, list[int]]:
-    """Scalar tags -> steps in the TensorBoard event files (TFRecord framing, Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    tags: dict[str, list[int]] = {}
-    for path in directory.glob("events.out.tfevents.*"):
-        data, i = path.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-            i += 12 + n + 4
-    return tags
-
-
-def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained):
+def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained, event_tags):
     out, summary = trained
     assert summary["iteration"] == 2 and summary["iterations_run"] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0001", "iter_0002"]

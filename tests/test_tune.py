@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import signal
-import struct
 
 import pandas as pd
 import pytest
@@ -98,22 +97,6 @@ def searched(ray_local, tiny_settings, tmp_path_factory):
     return out, first, resumed
 
 
-def event_tags(directory) -> dict[str, list[int]]:
-    """Scalar tags -> steps in the TensorBoard event files (TFRecord framing, Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    tags: dict[str, list[int]] = {}
-    for path in directory.glob("events.out.tfevents.*"):
-        data, i = path.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-            i += 12 + n + 4
-    return tags
-
-
 def test_an_interrupted_search_resumes_and_completes(searched):
     out, first, resumed = searched
     assert InterruptOnce.fired
@@ -132,7 +115,7 @@ def test_an_interrupted_search_resumes_and_completes(searched):
             assert rows[1]["charts/env_steps"] == 2 * rows[0]["charts/env_steps"]
 
 
-def test_trial_table_plot_and_tensorboard_per_trial(searched):
+def test_trial_table_plot_and_tensorboard_per_trial(searched, event_tags):
     out, _, resumed = searched
     table = pd.read_parquet(out / "trials.parquet")
     assert len(table) == 2 and list(table["status"]) == ["completed", "completed"]
