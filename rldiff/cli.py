@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from rldiff import evaluate, pretrain, serve_command, submit, train, tune
+    from rldiff import evaluate, pretrain, serve_command, submit, train, train_args, tune
     from rldiff.reference import ReferenceBankError
 
     p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     t = commands.add_parser(
         "train", help="multi-agent PPO on the router + experts; export and evaluate the policy"
     )
-    train.add_arguments(t)
+    train_args.add_arguments(t)
     s = commands.add_parser("submit", help=submit.DESCRIPTION)
     submit.add_arguments(s)
     v = commands.add_parser("serve", help="serve a policy over HTTP with Ray Serve (127.0.0.1)")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {cfg.out / 'report.md'}")
         elif args.command == "train":
             out = train.run_training(
-                train.config_from_args(args),
+                train_args.config_from_args(args),
                 args.out,
                 resume=args.resume,
                 evaluate=not args.no_evaluate,

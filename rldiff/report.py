@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 FAMILY_ORDER = ("hand-built", "global", "adaptive")
 LEARNED_FAMILIES = ("learned", "bandit")
+SCHEDULE_SAMPLES = 30  # held-out samples per budget panel in schedules.png
 
 
 def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
@@ -178,5 +179,51 @@ def _grid(path: Path, budget: int, reference, picks, grids) -> None:
         ax.axis("off")
     fig.suptitle(f"{budget} NFE", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_schedules(policy, ev, denoiser, path: Path) -> None:
+    """Sigma per step (log axis) of ~30 held-out samples per budget, points coloured by expert
+    (``ev``: the ``EvaluateConfig`` whose held-out seeds to use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    from rldiff.evaluate import EVAL_SEED_OFFSET, seed_set
+    from rldiff.sampler import sample
+    from rldiff.solvers import EXPERT_NAMES
+
+    held_out = seed_set(ev, denoiser, EVAL_SEED_OFFSET, ev.n_samples, "eval")
+    n, colours = min(SCHEDULE_SAMPLES, len(held_out.seeds)), plt.get_cmap("tab10")
+    fig, axes = plt.subplots(
+        1, len(ev.budgets), figsize=(3 * len(ev.budgets), 3.4), sharey=True, squeeze=False
+    )
+    for ax, budget in zip(axes[0], ev.budgets, strict=True):
+        run = sample(
+            denoiser, policy, held_out.noise[:n], held_out.cond[:n], budget, held_out.seeds[:n]
+        )
+        for i in range(n):
+            steps = run.schedule(i)  # the final jump to sigma = 0 is off the log axis
+            sigma = [s["sigma"] for s in steps]
+            ax.plot(range(len(sigma)), sigma, color="0.8", lw=0.6, zorder=1)
+            ax.scatter(
+                range(len(sigma)), sigma, s=12, c=[colours(s["expert"]) for s in steps], zorder=2
+            )
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_title(f"{budget} NFE (mean {run.nfe.float().mean():.2f})", fontsize=9)
+    axes[0, 0].set_ylabel("sigma at the step's start")
+    handles = [
+        Line2D([], [], marker="o", ls="", color=colours(k), label=EXPERT_NAMES[k])
+        for k in policy.experts
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle(f"Schedules chosen by `{policy.name}` on {n} held-out samples", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

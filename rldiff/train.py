@@ -28,9 +28,10 @@ import torch
 
 from rldiff.algo import TrainConfig, build_config, module_ids, warm_start
 from rldiff.env import training_references
-from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, PolicySpec, seed_set
+from rldiff.evaluate import EvaluateConfig, PolicySpec, seed_set
 from rldiff.learned_policy import LearnedPolicy, export_policy
 from rldiff.models import EMBEDDED, load_model
+from rldiff.report import plot_schedules
 from rldiff.shipped_cache import seed_cache
 from rldiff.solvers import EXPERT_NAMES
 
@@ -38,7 +39,6 @@ CHECKPOINT = re.compile(r"^iter_(\d{4,})$")
 LOSSES = ("policy_loss", "vf_loss", "entropy", "mean_kl_loss", "vf_explained_var", "total_loss")
 LEARNED_NAME = "moe"  # the router + experts policy
 SINGLE_NAME = "ppo-single"  # the ablation: one expert, step size only
-SCHEDULE_SAMPLES = 30  # held-out samples per budget panel in schedules.png
 
 
 def run_training(
@@ -284,51 +284,8 @@ def evaluate_policies(ev: EvaluateConfig, policies: dict[str, str], denoiser) ->
     ]
     rows = run_evaluation(ev, extra_specs=extra)
     policy = LearnedPolicy.load(paths[LEARNED_NAME], name=LEARNED_NAME)
-    plot_schedules(policy, ev, denoiser, ev.out / "schedules.png")
+    plot_schedules(policy, ev, denoiser, ev.out / "schedules.png")  # rldiff.report
     return [r for r in rows if r["family"] == "learned"]
-
-
-def plot_schedules(policy, ev: EvaluateConfig, denoiser, path: Path) -> None:
-    """Sigma per step (log axis) of ~30 held-out samples per budget, points coloured by expert."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    from rldiff.sampler import sample
-
-    held_out = seed_set(ev, denoiser, EVAL_SEED_OFFSET, ev.n_samples, "eval")
-    n, colours = min(SCHEDULE_SAMPLES, len(held_out.seeds)), plt.get_cmap("tab10")
-    fig, axes = plt.subplots(
-        1, len(ev.budgets), figsize=(3 * len(ev.budgets), 3.4), sharey=True, squeeze=False
-    )
-    for ax, budget in zip(axes[0], ev.budgets, strict=True):
-        run = sample(
-            denoiser, policy, held_out.noise[:n], held_out.cond[:n], budget, held_out.seeds[:n]
-        )
-        for i in range(n):
-            steps = run.schedule(i)  # the final jump to sigma = 0 is off the log axis
-            sigma = [s["sigma"] for s in steps]
-            ax.plot(range(len(sigma)), sigma, color="0.8", lw=0.6, zorder=1)
-            ax.scatter(
-                range(len(sigma)), sigma, s=12, c=[colours(s["expert"]) for s in steps], zorder=2
-            )
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.set_title(f"{budget} NFE (mean {run.nfe.float().mean():.2f})", fontsize=9)
-    axes[0, 0].set_ylabel("sigma at the step's start")
-    handles = [
-        Line2D([], [], marker="o", ls="", color=colours(k), label=EXPERT_NAMES[k])
-        for k in policy.experts
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"Schedules chosen by `{policy.name}` on {n} held-out samples", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def start_ray(dashboard: bool) -> bool:
@@ -394,167 +351,3 @@ def _truncate_progress(path: Path, iteration: int) -> None:
     """Drops rows past the checkpoint being resumed (iterations that will run again)."""
     rows = [r for r in _read_progress(path) if r["iteration"] <= iteration]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def add_arguments(parser) -> None:
-    """The ``rldiff train`` flags: the run's own, then one per ``TrainConfig`` field."""
-    from rldiff.evaluate import _budgets, _names, _positive
-
-    d = TrainConfig()
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, required=True, help="output directory of the run")
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    run.add_argument("--no-evaluate", action="store_true", help="skip the evaluation protocol")
-    run.add_argument("--eval-samples", type=_positive, default=512, help="held-out samples")
-    run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
-    run.add_argument(
-        "--no-ablations",
-        dest="ablations",
-        action="store_false",
-        help="skip the ppo-single ablation (the base expert alone, trained after moe)",
-    )
-    p = parser.add_argument_group("training (TrainConfig)")
-    p.add_argument("--model", default=d.model, help="embedded | gmm | a diffusers directory")
-    p.add_argument("--iterations", type=_positive, default=d.iterations)
-    p.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every)
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="samples/episode")
-    p.add_argument("--budgets", type=_budgets, default=d.budgets, help="comma-separated NFE")
-    p.add_argument("--guidance", type=_floats, default=d.guidance, help="comma-separated scales")
-    p.add_argument(
-        "--cost-per-nfe",
-        type=_floats,
-        default=(d.cost_per_nfe,),
-        help="reward cost per NFE; several (comma-separated) are drawn per sample",
-    )
-    p.add_argument("--n-train", type=_positive, default=d.n_train, help="training seeds")
-    p.add_argument("--base-expert", choices=EXPERT_NAMES, default=d.base_expert)
-    p.add_argument("--experts", type=_names(EXPERT_NAMES), help="experts in play (default: all)")
-    p.add_argument("--step-range", type=float_above(1.0), default=d.step_range)
-    p.add_argument("--reference-steps", type=_positive, default=d.reference_steps)
-    p.add_argument("--cache", default=d.cache, help="reference / schedule cache directory")
-    p.add_argument("--lr", type=float_above(0.0), default=d.lr)
-    p.add_argument("--entropy-coeff", type=float, default=d.entropy_coeff)
-    p.add_argument("--router-entropy-coeff", type=float, default=d.router_entropy_coeff)
-    p.add_argument(
-        "--router-entropy-final",
-        type=float,
-        default=d.router_entropy_final,
-        help="router entropy bonus reached after --router-entropy-anneal of the iterations",
-    )
-    p.add_argument("--router-entropy-anneal", type=float, default=d.router_entropy_anneal)
-    p.add_argument(
-        "--router-warm-start",
-        type=_warm_start,
-        default=d.router_warm_start,
-        help="initial router probability of the base expert (0: uniform start)",
-    )
-    p.add_argument(
-        "--expert-init-std",
-        type=float_above(0.0),
-        default=d.expert_init_std,
-        help="initial std of the experts' Gaussian actions in [-1, 1] units",
-    )
-    p.add_argument("--clip", type=float_above(0.0), default=d.clip)
-    p.add_argument("--gamma", type=float, default=d.gamma)
-    p.add_argument("--lambda", dest="lambda_", type=float, default=d.lambda_)
-    p.add_argument("--hidden", type=_ints, default=d.hidden, help="comma-separated MLP sizes")
-    p.add_argument("--train-batch-size", type=_positive, default=d.train_batch_size)
-    p.add_argument("--minibatch-size", type=_positive, default=d.minibatch_size)
-    p.add_argument("--num-epochs", type=_positive, default=d.num_epochs)
-    p.add_argument("--env-runners", type=non_negative, default=d.env_runners)
-    p.add_argument("--seed", type=int, default=d.seed)
-
-
-def config_from_args(args) -> TrainConfig:
-    cost = args.cost_per_nfe
-    return TrainConfig(
-        model=args.model,
-        batch_size=args.batch_size,
-        budgets=args.budgets,
-        guidance=args.guidance,
-        cost_per_nfe=cost[0] if len(cost) == 1 else cost,
-        n_train=args.n_train,
-        base_expert=args.base_expert,
-        experts=args.experts,
-        step_range=args.step_range,
-        reference_steps=args.reference_steps,
-        cache=args.cache,
-        lr=args.lr,
-        entropy_coeff=args.entropy_coeff,
-        router_entropy_coeff=args.router_entropy_coeff,
-        router_entropy_final=args.router_entropy_final,
-        router_entropy_anneal=args.router_entropy_anneal,
-        router_warm_start=args.router_warm_start,
-        expert_init_std=args.expert_init_std,
-        clip=args.clip,
-        gamma=args.gamma,
-        lambda_=args.lambda_,
-        hidden=args.hidden,
-        train_batch_size=args.train_batch_size,
-        minibatch_size=args.minibatch_size,
-        num_epochs=args.num_epochs,
-        env_runners=args.env_runners,
-        iterations=args.iterations,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    import argparse
-
-    try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}")
-    return values
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    from rldiff.evaluate import _positive
-
-    values = tuple(_positive(t) for t in text.split(",") if t.strip())
-    if not values:
-        import argparse
-
-        raise argparse.ArgumentTypeError("expected comma-separated positive integers")
-    return values
-
-
-def non_negative(text: str) -> int:
-    import argparse
-
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return int(text)
-
-
-def _warm_start(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return value
-
-
-def float_above(low: float):
-    def parse(text: str) -> float:
-        import argparse
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > low:
-            raise argparse.ArgumentTypeError(f"expected a number above {low:g}, got {text!r}")
-        return value
-
-    return parse

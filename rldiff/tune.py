@@ -59,7 +59,8 @@ SETTINGS_FILE = "tune.json"
 # (saved in tune.json). "hidden" is "<width>x<width>...", "experts" "all" or comma-separated names.
 QUICK_SPACE = {
     "lr": ["loguniform", 1e-4, 1e-3],
-    "router_entropy_coeff": ["loguniform", 0.02, 0.5],  # around the default 0.2
+    "router_entropy_coeff": ["loguniform", 0.02, 0.5],  # around the default 0.2 (the start)
+    "router_entropy_final": ["choice", [0.01, 0.05]],  # where the annealed bonus ends
     "entropy_coeff": ["choice", [0.0, 0.001, 0.01]],
     "clip": ["choice", [0.1, 0.2, 0.3]],
     "hidden": ["choice", ["32x32", "64x64", "128x128"]],
@@ -408,7 +409,7 @@ def _short(value) -> str:
 def add_arguments(parser) -> None:
     """The ``rldiff tune`` flags: a preset, then overrides of its settings (unset: the preset's)."""
     from rldiff.evaluate import _budgets, _positive
-    from rldiff.train import float_above, non_negative
+    from rldiff.train_args import float_above, non_negative
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, help="output directory of the search")
