@@ -52,11 +52,16 @@ def add_arguments(parser) -> None:
     p.add_argument("--router-entropy-coeff", type=float, default=d.router_entropy_coeff)
     p.add_argument(
         "--router-entropy-final",
-        type=float,
+        type=_non_negative_float,
         default=d.router_entropy_final,
         help="router entropy bonus reached after --router-entropy-anneal of the iterations",
     )
-    p.add_argument("--router-entropy-anneal", type=float, default=d.router_entropy_anneal)
+    p.add_argument(
+        "--router-entropy-anneal",
+        type=float_above(0.0),
+        default=d.router_entropy_anneal,
+        help="fraction of the iterations over which the router's bonus is annealed",
+    )
     p.add_argument(
         "--router-warm-start",
         type=_warm_start,
@@ -125,6 +130,13 @@ def _floats(text: str) -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}")
     return values
+
+
+def _non_negative_float(text: str) -> float:
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one non-negative number, got {text!r}")
+    return values[0]
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import dataclasses  # noqa: E402
 import struct  # noqa: E402
 
 import pytest  # noqa: E402
@@ -68,3 +69,32 @@ def _event_tags(directory) -> dict[str, list[int]]:
 def event_tags():
     """Reads TensorBoard event files without TensorBoard: ``event_tags(directory)``."""
     return _event_tags
+
+
+def _tiny_train_config(cache: str, **changes):
+    """A ``TrainConfig`` on the mixture model that trains in about a second per iteration, in
+    the driver (no remote env runner): the shape every training and search test starts from."""
+    from rldiff.algo import TrainConfig
+
+    base = TrainConfig(
+        model="gmm",
+        batch_size=8,
+        budgets=(4, 6),
+        n_train=24,
+        reference_steps=60,
+        cache=cache,
+        hidden=(32, 32),
+        train_batch_size=64,
+        minibatch_size=64,
+        num_epochs=1,
+        env_runners=0,
+        iterations=2,
+        checkpoint_every=1,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """``tiny_train_config(cache, **changes)``: see ``_tiny_train_config``."""
+    return _tiny_train_config

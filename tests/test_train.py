@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rldiff.algo import TrainConfig, warm_start
+from rldiff.algo import warm_start
 from rldiff.cli import main
 from rldiff.global_schedule import SearchConfig
 from rldiff.learned_policy import LearnedPolicy, expert_mean, router_choice
@@ -31,23 +31,9 @@ EVAL_OVERRIDES = {  # a small protocol: the point here is the plumbing, not the 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_train_config):
     """A TrainConfig that trains in about a second per iteration, in the driver."""
-    return TrainConfig(
-        model="gmm",
-        batch_size=8,
-        budgets=BUDGETS,
-        n_train=24,
-        reference_steps=60,
-        cache=str(tmp_path_factory.mktemp("train-cache")),
-        hidden=(32, 32),
-        train_batch_size=64,
-        minibatch_size=64,
-        num_epochs=1,
-        env_runners=0,
-        iterations=2,
-        checkpoint_every=1,
-    )
+    return tiny_train_config(str(tmp_path_factory.mktemp("train-cache")), budgets=BUDGETS)
 
 
 @pytest.fixture(scope="module")

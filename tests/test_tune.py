@@ -59,23 +59,9 @@ class InterruptOnce(tune.Callback):
 
 
 @pytest.fixture(scope="module")
-def tiny_settings(tmp_path_factory):
+def tiny_settings(tmp_path_factory, tiny_train_config):
     """Two trials of two iterations, about a second each, in the trial's own process."""
-    train = TrainConfig(
-        model="gmm",
-        batch_size=8,
-        budgets=BUDGETS,
-        n_train=24,
-        reference_steps=60,
-        cache=str(tmp_path_factory.mktemp("tune-cache")),
-        hidden=(32, 32),
-        train_batch_size=64,
-        minibatch_size=64,
-        num_epochs=1,
-        env_runners=0,
-        iterations=2,
-        checkpoint_every=1,
-    )
+    train = tiny_train_config(str(tmp_path_factory.mktemp("tune-cache")), budgets=BUDGETS)
     return TuneSettings(
         preset="test",
         train=train,
