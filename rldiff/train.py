@@ -68,13 +68,9 @@ def run_training(
         cfg = _resumed_config(cfg, out / "train_config.json")
     ev = evaluation_config(cfg, out, eval_samples, eval_overrides)
     denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
-    if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
-        print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
     started_ray = start_ray(dashboard)
     try:
-        if cfg.base_schedules is None:
-            cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
-        training_references(denoiser, cfg.env_config())  # built once here, cached for the runners
+        cfg = prepare_training(cfg, ev, denoiser)
         runs = {LEARNED_NAME: (cfg, out)}
         if ablations:
             runs[SINGLE_NAME] = (single_expert_config(cfg), out / "ablations" / SINGLE_NAME)
@@ -94,6 +90,19 @@ def run_training(
 
             ray.shutdown()
     return summary
+
+
+def prepare_training(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> TrainConfig:
+    """What every env runner (or Tune trial) needs, done once on the driver: the shipped
+    precomputed inputs copied into the cache (embedded model), the base expert's global schedule
+    per budget (filled into the returned config when it has none) and the reference bank of the
+    training seeds (cached on disk, read by the runners)."""
+    if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
+        print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
+    if cfg.base_schedules is None:
+        cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
+    training_references(denoiser, cfg.env_config())
+    return cfg
 
 
 def single_expert_config(cfg: TrainConfig) -> TrainConfig:

@@ -7,9 +7,10 @@ start, and reports namespaced metrics (``rldiff/*``, ``charts/*``, ``losses/<mod
 checkpoint to Tune every ``checkpoint_every`` iterations. When Tune restarts a trial (a failure
 within ``max_failures``, or a resumed search) it continues from ``tune.get_checkpoint()``.
 
-What is shared by every trial is prepared once on the driver before the search, as in
-``rldiff.train.run_training``: the base expert's optimised global schedule per budget (the warm
-start) and the training reference bank (cached on disk for the trials to read).
+What is shared by every trial is prepared once on the driver before the search by
+``rldiff.train.prepare_training``, as for ``rldiff train``: the shipped precomputed inputs of the
+embedded model, the base expert's optimised global schedule per budget (the warm start) and the
+training reference bank (cached on disk for the trials to read).
 
 Early stopping: ASHA on ``rldiff/rmse_vs_base`` (training-seed RMSE over the base schedule's,
 lower is better). Concurrency: as many trials as the cluster's CPUs (and GPUs) hold, each trial
@@ -41,13 +42,13 @@ from rldiff.algo import (
     module_ids,
     warm_start,
 )
-from rldiff.env import experts_in_use, training_references
+from rldiff.env import experts_in_use
 from rldiff.models import EMBEDDED, EXACT_GMM, load_model
 from rldiff.train import (
-    base_schedules,
     config_from_json,
     evaluation_config,
     iteration_row,
+    prepare_training,
     start_ray,
 )
 
@@ -251,11 +252,9 @@ def run_tune(
             raise ValueError(f"{experiment} holds a search already: pass --resume or a new --out")
         if resume and not restore:
             print(f"nothing to resume in {experiment}: starting a new search")
-        if cfg.base_schedules is None:
-            cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
+        cfg = prepare_training(cfg, ev, denoiser)  # once here, not in every trial
         settings = dataclasses.replace(settings, train=cfg)
         (out / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))
-        training_references(denoiser, cfg.env_config())  # built once here, cached for the trials
         bundles = trial_bundles(cfg)
         limit = settings.max_concurrent or concurrency(
             bundles, ray.cluster_resources(), settings.num_samples

@@ -136,25 +136,26 @@ def test_step_action_scales_the_log_step(env_config):
     assert torch.equal(policy.act(obs).sigma_next, base_next)
 
 
-def test_ppo_smoke_two_iterations(ray_local, env_config):
-    from rldiff.algo import TrainConfig, build_config, policy_mapping_fn
+def tiny_config(tiny_train_config, env_config, **changes):
+    """The tests' tiny training config on this module's env settings (every budget)."""
+    from rldiff.algo import TrainConfig
+
+    return tiny_train_config(
+        env_config["cache"],
+        n_train=env_config["n_train"],
+        reference_steps=env_config["reference_steps"],
+        budgets=TrainConfig().budgets,
+        **changes,
+    )
+
+
+def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
+    from rldiff.algo import build_config, policy_mapping_fn
 
     assert policy_mapping_fn("router_3", None) == "router"
     assert policy_mapping_fn("expert4_11", None) == "expert_4"
     start = time.perf_counter()
-    cfg = TrainConfig(
-        model="gmm",
-        batch_size=8,
-        n_train=env_config["n_train"],
-        cache=env_config["cache"],
-        reference_steps=env_config["reference_steps"],
-        env_runners=0,
-        hidden=(32, 32),
-        train_batch_size=64,
-        minibatch_size=64,
-        num_epochs=1,
-        cost_per_nfe=(0.0, 0.01),
-    )
+    cfg = tiny_config(tiny_train_config, env_config, cost_per_nfe=(0.0, 0.01))
     algo = build_config(cfg).build_algo()
     try:
         results = [algo.train() for _ in range(2)]
@@ -197,23 +198,17 @@ def test_expert_subset_maps_router_actions(env_config):
     assert env.summary["expert_usage/euler"] == 1.0
 
 
-def test_ppo_single_expert_smoke(ray_local, env_config):
-    from rldiff.algo import TrainConfig, build_config, module_ids
+def test_ppo_single_expert_smoke(ray_local, env_config, tiny_train_config):
+    from rldiff.algo import build_config, module_ids
 
     assert module_ids(["unipc"]) == (f"expert_{UNIPC}",)
     assert module_ids(["unipc", "euler"]) == ("router", f"expert_{UNIPC}", "expert_0")
-    cfg = TrainConfig(
-        model="gmm",
-        batch_size=8,
-        n_train=env_config["n_train"],
-        cache=env_config["cache"],
-        reference_steps=env_config["reference_steps"],
+    cfg = tiny_config(
+        tiny_train_config,
+        env_config,
         experts=("unipc",),
-        env_runners=0,
-        hidden=(32, 32),
         train_batch_size=32,
         minibatch_size=32,
-        num_epochs=1,
     )
     config = build_config(cfg)
     assert set(config.rl_module_spec.rl_module_specs) == {f"expert_{UNIPC}"}

@@ -200,26 +200,27 @@ def _num_classes(denoiser) -> int:
 
 def _evaluation(directory: Path, model: str) -> dict[int, dict]:
     """Per budget, from an evaluation's ``results.parquet`` of the same model: the best hand-built
-    schedule, the best global schedule and the learned policy, with their mean reference RMSE.
-    Empty when there is none or it was run on another model."""
+    schedule, the best global schedule and the learned policy, with their mean reference RMSE and
+    NFE (``rldiff.report.best_per_budget``). Empty when there is none or it was run on another
+    model."""
     import pyarrow.parquet as pq
+
+    from rldiff.report import best_per_budget
 
     results, config = directory / "results.parquet", directory / "config.json"
     if not results.is_file():
         return {}
     if config.is_file() and json.loads(config.read_text()).get("model") != model:
         return {}
+    rows = pq.read_table(results).to_pylist()
     table: dict[int, dict] = {}
-    for row in pq.read_table(results).to_pylist():
-        entry = table.setdefault(int(row["budget"]), {})
-        family = {"hand-built": "hand_built", "global": "global", "learned": "learned"}.get(
-            row["family"]
-        )
-        if family is None:
-            continue
-        best = entry.get(f"best_{family}_rmse")
-        if best is None or row["rmse_mean"] < best:
-            entry[f"best_{family}"] = row["policy"]
-            entry[f"best_{family}_rmse"] = float(row["rmse_mean"])
-            entry[f"best_{family}_mean_nfe"] = float(row["mean_nfe"])
+    for family, key in (("hand-built", "hand_built"), ("global", "global"), ("learned", "learned")):
+        for budget, row in best_per_budget(rows, family).items():
+            table.setdefault(int(budget), {}).update(
+                {
+                    f"best_{key}": row["policy"],
+                    f"best_{key}_rmse": float(row["rmse_mean"]),
+                    f"best_{key}_mean_nfe": float(row["mean_nfe"]),
+                }
+            )
     return dict(sorted(table.items()))
