@@ -5,15 +5,35 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/main
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint lock clean
 
-$(BIN)/.installed: pyproject.toml
+# Every package is pinned by requirements.lock (a constraints file: it fixes versions, installs
+# nothing by itself), so each machine gets the same set; re-run when either file changes.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first, so nothing pulls the multi-GB CUDA build onto a CPU machine.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock torch==2.13.0
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
+
+# Refreshes requirements.lock: resolves the newest versions pyproject.toml allows, unconstrained,
+# in a throwaway venv (so .venv is untouched), and freezes them. Then `make` updates .venv to it.
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/pip" install --quiet torch==2.13.0; \
+	"$$tmp/venv/bin/pip" install --quiet -e '.[dev]'; \
+	py=$$("$$tmp/venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	{ echo "# Exact versions of every package that rldiff with its dev extras installs, for Linux,"; \
+	  echo "# Python $$py, CPU build of torch. The Makefile installs with it as a constraints file:"; \
+	  echo "#   pip install -c requirements.lock torch==2.13.0"; \
+	  echo "#   pip install -c requirements.lock -e '.[dev]'"; \
+	  echo "# Generated: refresh with \`make lock\` (newest versions pyproject.toml allows)."; \
+	  "$$tmp/venv/bin/pip" freeze --exclude-editable --exclude rldiff; } > "$$tmp/lock"; \
+	mv "$$tmp/lock" requirements.lock; \
+	echo "requirements.lock: $$(grep -vc '^#' requirements.lock) packages pinned"
 
 # Trains moe and the ppo-single ablation on the embedded model, then the evaluation report. A
 # second run resumes: no more training, a fresh evaluation.

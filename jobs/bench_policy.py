@@ -91,14 +91,14 @@ def median_seconds(fn, repeats: int, warmup: int, device) -> float:
 
 def bench(policy, denoiser, args) -> dict:
     """Runs the first ``args.steps`` sampler steps under ``policy`` and times both per step."""
-    from rldiff.denoisers import Condition
+    from rldiff.denoisers import Condition, labels_for_seeds
     from rldiff.sampler import Sampling
     from rldiff.seeds import initial_noise
 
     b = args.batch
     seeds = list(range(10_000, 10_000 + b))
     noise = initial_noise(seeds, (1, 16, 16)).to(args.device)
-    cond = Condition.make([s % 10 for s in seeds], 1.0)
+    cond = Condition.make(labels_for_seeds(seeds, denoiser.num_classes), 1.0)
     budget = torch.as_tensor(np.random.default_rng(0).choice([6, 8, 10], b))
     batch = Sampling(denoiser, noise, cond, budget, seeds)
     decide, forward, rows = [], [], []

@@ -92,7 +92,7 @@ def concurrent(url: str, clients: int, per_client: int, budget: int) -> tuple[fl
 
 def bare_sampler(policy, batch: int, budget: int, repeats: int) -> float:
     """Samples/s of ``rldiff.sampler.sample`` at ``batch`` samples and ``budget`` NFE."""
-    from rldiff.denoisers import Condition
+    from rldiff.denoisers import Condition, labels_for_seeds
     from rldiff.models import load_model
     from rldiff.sampler import sample
     from rldiff.seeds import initial_noise
@@ -100,7 +100,7 @@ def bare_sampler(policy, batch: int, budget: int, repeats: int) -> float:
     denoiser = load_model("embedded")
     seeds = list(range(200_000, 200_000 + batch))
     noise = initial_noise(seeds, tuple(denoiser.sample_shape))
-    cond = Condition.make([s % 10 for s in seeds])
+    cond = Condition.make(labels_for_seeds(seeds, denoiser.num_classes))
     with torch.no_grad():
         sample(denoiser, policy, noise, cond, budget, seeds)  # warm-up
         start = time.perf_counter()

@@ -3,69 +3,172 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Each subcommand's module is imported only when that subcommand is chosen (to add its flags and
+# to run it): ``rldiff train`` never imports Ray Serve, ``rldiff --help`` imports none of them.
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from rldiff import pretrain
+
+    pretrain.pretrain(pretrain.config_from_args(args))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rldiff import evaluate
+
+    cfg = evaluate.config_from_args(args)
+    evaluate.run_evaluation(cfg)
+    print(f"report: {cfg.out / 'report.md'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rldiff import train, train_args
+
+    out = train.run_training(
+        train_args.config_from_args(args),
+        args.out,
+        resume=args.resume,
+        evaluate=not args.no_evaluate,
+        eval_samples=args.eval_samples,
+        dashboard=args.dashboard,
+        ablations=args.ablations,
+    )
+    print(f"policy: {out['policy']}")
+    if "evaluation" in out:
+        print(f"report: {args.out / 'evaluation' / 'report.md'}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from rldiff import submit
+
+    return submit.run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rldiff import serve_command
+
+    return serve_command.run(args)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rldiff import tune
+
+    return tune.run(args)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``arguments`` names the module whose ``add_arguments(parser)`` adds its
+    flags; ``run(args)`` returns the exit status. ``own_errors``: ``run`` reports its errors and
+    chooses its exit codes itself."""
+
+    name: str
+    help: str
+    arguments: str
+    run: Callable[[argparse.Namespace], int]
+    own_errors: bool = False
+
+
+COMMANDS = (
+    Command(
+        "pretrain",
+        "train the embedded digits UNet and the classifier",
+        "rldiff.pretrain",
+        _pretrain,
+    ),
+    Command(
+        "evaluate",
+        "every baseline at every NFE budget: table + plots",
+        "rldiff.evaluate",
+        _evaluate,
+    ),
+    Command(
+        "train",
+        "multi-agent PPO on the router + experts; export and evaluate the policy",
+        "rldiff.train_args",
+        _train,
+    ),
+    Command(
+        "submit",
+        "run a command as a Ray job on a cluster and follow it to its end",  # submit.DESCRIPTION
+        "rldiff.submit",
+        _submit,
+        own_errors=True,
+    ),
+    Command(
+        "serve",
+        "serve a policy over HTTP with Ray Serve (127.0.0.1)",
+        "rldiff.serve_command",
+        _serve,
+    ),
+    Command(
+        "tune",
+        "Ray Tune search over the training config; winner picked on held-out seeds",
+        "rldiff.tune",
+        _tune,
+    ),
+)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its flags are added the first time it parses (only the chosen
+    subcommand's parser ever does)."""
+
+    def __init__(self, *args, command: Command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.command = command
+        self._loaded = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self.command.arguments).add_arguments(self)
+        return super().parse_known_args(args, namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rldiff`` parser; no subcommand module is imported until one is chosen."""
+    parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    for command in COMMANDS:
+        commands.add_parser(command.name, help=command.help, command=command)
+    return parser
+
+
+def _reported(err: Exception) -> bool:
+    """Errors printed as one line (no stack trace): missing files, bad values, unusable
+    reference banks (only ever raised once ``rldiff.reference`` is imported)."""
+    if isinstance(err, (FileNotFoundError, ValueError)):
+        return True
+    reference = sys.modules.get("rldiff.reference")
+    return reference is not None and isinstance(err, reference.ReferenceBankError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rldiff", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    from rldiff import evaluate, pretrain, serve_command, submit, train, train_args, tune
-    from rldiff.reference import ReferenceBankError
-
-    p = commands.add_parser("pretrain", help="train the embedded digits UNet and the classifier")
-    pretrain.add_arguments(p)
-    e = commands.add_parser("evaluate", help="every baseline at every NFE budget: table + plots")
-    evaluate.add_arguments(e)
-    t = commands.add_parser(
-        "train", help="multi-agent PPO on the router + experts; export and evaluate the policy"
-    )
-    train_args.add_arguments(t)
-    s = commands.add_parser("submit", help=submit.DESCRIPTION)
-    submit.add_arguments(s)
-    v = commands.add_parser("serve", help="serve a policy over HTTP with Ray Serve (127.0.0.1)")
-    serve_command.add_arguments(v)
-    u = commands.add_parser(
-        "tune", help="Ray Tune search over the training config; winner picked on held-out seeds"
-    )
-    tune.add_arguments(u)
-
-    args = parser.parse_args(argv)
-    if args.command == "submit":
-        return submit.run(args)  # its own clear errors and exit codes
+    args = build_parser().parse_args(argv)
+    command = next(c for c in COMMANDS if c.name == args.command)
+    if command.own_errors:
+        return command.run(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        if args.command == "pretrain":
-            pretrain.pretrain(pretrain.config_from_args(args))
-        elif args.command == "evaluate":
-            cfg = evaluate.config_from_args(args)
-            evaluate.run_evaluation(cfg)
-            print(f"report: {cfg.out / 'report.md'}")
-        elif args.command == "train":
-            out = train.run_training(
-                train_args.config_from_args(args),
-                args.out,
-                resume=args.resume,
-                evaluate=not args.no_evaluate,
-                eval_samples=args.eval_samples,
-                dashboard=args.dashboard,
-                ablations=args.ablations,
-            )
-            print(f"policy: {out['policy']}")
-            if "evaluation" in out:
-                print(f"report: {args.out / 'evaluation' / 'report.md'}")
-        elif args.command == "serve":
-            return serve_command.run(args)
-        elif args.command == "tune":
-            return tune.run(args)
-    except (FileNotFoundError, ValueError, ReferenceBankError) as err:  # no stack trace
-        print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return command.run(args)
     except KeyboardInterrupt:
         print(f"rldiff {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as err:
+        if not _reported(err):
+            raise
+        print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
-from rldiff.denoisers import UNCONDITIONAL, Condition
+from rldiff.denoisers import UNCONDITIONAL, Condition, labels_for_seeds
 from rldiff.metrics import rmse_per_sample
-from rldiff.models import load_model
+from rldiff.models import load_model, visible_device
 from rldiff.policies import Decision, Observation, budget_log_step
 from rldiff.reference import DEFAULT_STEPS, seed_bank
 from rldiff.sampler import Sampling, sample
@@ -230,8 +230,7 @@ class RoutingEnv(MultiAgentEnv):
         torch.set_num_threads(1)
         cfg = {**ENV_DEFAULTS, **(env_config or {})}
         self.config, self.batch_size = cfg, int(cfg["batch_size"])
-        device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.denoiser = load_model(cfg["model"], device)
+        self.denoiser = load_model(cfg["model"], cfg["device"] or visible_device())
         self.device = getattr(self.denoiser, "device", torch.device("cpu"))  # the GMM: cpu
         self.references = training_references(self.denoiser, cfg)
         self.base = WarmStart.make(cfg["base_schedules"], cfg["step_range"])
@@ -262,7 +261,9 @@ class RoutingEnv(MultiAgentEnv):
         guidance = rng.choice(np.asarray(cfg["guidance"], dtype=np.float64), b).tolist()
         self.budget = torch.as_tensor(rng.choice(cfg["budgets"], b), dtype=torch.long)
         self.cost = torch.as_tensor(rng.choice(np.atleast_1d(cfg["cost_per_nfe"]), b)).double()
-        self.cond = Condition.make([s % 10 for s in self.seeds], guidance)
+        self.cond = Condition.make(
+            labels_for_seeds(self.seeds, self.denoiser.num_classes), guidance
+        )
         pairs = zip(self.seeds, guidance, strict=True)
         self.reference = torch.stack([self.references[g][s] for s, g in pairs])
         self.noise = initial_noise(self.seeds, tuple(self.reference.shape[1:])).to(self.device)

@@ -2,14 +2,16 @@
 
 Evaluation seeds (``EVAL_SEED_OFFSET + i``) never overlap the seeds used for optimisation or
 training (``0 .. n_train - 1``). Each policy is scored against the reference solution from the same
-noise (mean / p90 RMSE), by Fréchet distance and confidence on the shipped digit classifier, and by
-NFE and wall time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, sample grids.
+noise (mean / p90 RMSE), by Fréchet distance and confidence on the shipped digit classifier where
+it knows the data (``rldiff.metrics.distribution_metrics``; NaN otherwise), and by NFE and wall
+time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, sample grids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,12 +23,13 @@ import torch
 from rldiff.bandit import BanditPolicy, train_bandit
 from rldiff.denoisers import Condition
 from rldiff.env import WarmStart
+from rldiff.fingerprint import model_fingerprint
 from rldiff.global_schedule import SearchConfig, optimise_schedule
-from rldiff.metrics import DigitMetrics, rmse_per_sample
-from rldiff.models import EMBEDDED, load_model
-from rldiff.parallel import connect_ray, parallel_map
+from rldiff.metrics import AUTO, distribution_metrics, metric_network_id, rmse_per_sample
+from rldiff.models import EMBEDDED, load_model, visible_device
+from rldiff.parallel import parallel_map, use_tasks
 from rldiff.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
-from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, model_fingerprint, seed_bank
+from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, seed_bank
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES
 from rldiff.seeds import initial_noise
@@ -57,6 +60,7 @@ class EvaluateConfig:
     bandit_rounds: int = 20  # rounds (64 samples each) of the epsilon-greedy bandit; 0: none
     cache: Path = Path(".cache/rldiff")  # reference banks and optimised schedules
     ray: str = "auto"  # "auto": a running cluster or RAY_ADDRESS; "local"; "off"
+    metric_network: str = AUTO  # FD / confidence network: "auto", "none" or a classifier directory
 
 
 @dataclass(frozen=True)
@@ -111,26 +115,34 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
 
     torch.set_num_threads(1)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    denoiser = load_model(cfg.model)
+    denoiser = load_model(cfg.model, visible_device())
+    shape = getattr(denoiser, "sample_shape", None)
+    metrics = distribution_metrics(cfg.model, cfg.metric_network, shape)  # None: no FD
     if cfg.model == EMBEDDED and (added := seed_cache(cfg.cache)):
         print(f"{added} precomputed files for the embedded model copied into {cfg.cache}")
-    use_ray = connect_ray(cfg.ray)
-    print(f"evaluating on {cfg.n_samples} held-out samples; Ray tasks: {use_ray}")
+    use_ray = use_tasks(cfg.ray, denoiser)
+    device = getattr(denoiser, "device", "cpu")
+    print(f"evaluating on {cfg.n_samples} held-out samples on {device}; Ray tasks: {use_ray}")
     evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
     train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
     schedules = optimise_global_schedules(cfg, denoiser, train, use_ray)
     specs = policy_specs(cfg, schedules) + train_bandit_specs(cfg, denoiser, train, schedules)
     specs += list(extra_specs)
-    context = (denoiser, evaluation, DigitMetrics())
+    context = (denoiser, evaluation, metrics)
     scores = ScoreCache(cfg, denoiser)
     results = scores.score_all(specs + [MODEL_CHECK], context, use_ray)
     quality = dict(results.pop()[0])  # the model itself, sampled accurately (MODEL_CHECK)
     rows = [row for row, _ in results]
     grids = {row["policy"] + f"@{row['budget']}": x for row, x in results}
-    floor = asdict(context[2].real_floor())
+    floor = None  # the report says plainly that the distribution metrics are absent
+    if metrics is not None:
+        mine = cfg.metric_network != AUTO
+        network = f"the network `{cfg.metric_network}`" if mine else "the shipped digit classifier"
+        floor = {**asdict(metrics.real_floor()), "network": network}
     pq.write_table(pa.Table.from_pylist(rows), cfg.out / "results.parquet")
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
-    (cfg.out / "summary.json").write_text(json.dumps({"floor": floor, "model": quality}, indent=2))
+    summary = {"floor": floor, "model": {k: _no_nan(v) for k, v in quality.items()}}
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(cfg.out, rows, grids, floor, evaluation.reference[:GRID_SAMPLES], quality)
     return rows
 
@@ -241,6 +253,8 @@ class ScoreCache:
             "guidance": cfg.guidance,
             "reference_steps": cfg.reference_steps,
         }
+        if cfg.metric_network != AUTO:  # "auto" follows from the model, already in the key
+            self.key["metrics"] = metric_network_id(cfg.metric_network)
 
     def path(self, spec: PolicySpec) -> Path | None:
         if spec.family not in CACHED_FAMILIES:
@@ -298,16 +312,26 @@ def score_policy(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
         "max_nfe": int(result.nfe.max()),
         "rmse_mean": float(rmse.mean()),
         "rmse_p90": float(rmse.quantile(0.9)),
-        "fd": float(metrics.fd(x0)),
-        "confidence": float(metrics.confidence(x0, ev.cond.labels)),
+        "fd": math.nan,  # NaN where no metric network knows the data
+        "confidence": math.nan,
         "seconds_per_sample": seconds / len(ev.seeds),
         "n_samples": len(ev.seeds),
         "sigmas": json.dumps([round(s, 5) for s in _first_schedule(result)]),
         "expert_usage": json.dumps(expert_usage(result)),
     }
+    if metrics is not None:
+        row["fd"] = float(metrics.fd(x0))
+        row["confidence"] = float(metrics.confidence(x0, ev.cond.labels))
     if spec.family == "model":  # FD at the floor's sample size too: FD shrinks as n grows
-        row["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
-    return row, x0[:GRID_SAMPLES].clone()  # clone: a view would carry the whole batch along
+        row["fd_at_floor_n"] = math.nan
+        if metrics is not None:
+            row["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
+    return row, x0[:GRID_SAMPLES].cpu().clone()  # clone: a view would carry the whole batch
+
+
+def _no_nan(value):
+    """NaN as null, so summary.json stays standard JSON."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def expert_usage(result) -> dict[str, float]:
@@ -384,6 +408,15 @@ def add_arguments(parser) -> None:
         default=d.ray,
         help="auto: use a running cluster or RAY_ADDRESS; local: start one here",
     )
+    parser.add_argument(
+        "--metric-network",
+        default=d.metric_network,
+        metavar="PATH",
+        help="the network for FD and confidence: a directory laid out like the shipped digit "
+        "classifier (config.json + model.safetensors), scored against the bundled digits; 'auto' "
+        "(default): the shipped classifier for the embedded and gmm models, none for other "
+        "models; 'none': no distribution metrics",
+    )
 
 
 def config_from_args(args) -> EvaluateConfig:
@@ -403,6 +436,7 @@ def config_from_args(args) -> EvaluateConfig:
         bandit_rounds=args.bandit_rounds,
         cache=args.cache,
         ray=args.ray,
+        metric_network=args.metric_network,
     )
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from rldiff.denoisers import UNCONDITIONAL, Condition, guided
+from rldiff.fingerprint import Digest
 from rldiff.noise import DiscreteVP
 
 
@@ -27,16 +28,25 @@ class GaussianMixtureDenoiser:
         sample_shape: tuple[int, ...] | None = None,
         noise: DiscreteVP | None = None,
         dtype: torch.dtype = torch.float64,
+        definition: Digest | None = None,
     ):
+        """``definition``: what the parameters were computed from (``fit`` passes its data);
+        by default the parameters as given. Either way the fingerprint hashes inputs, never the
+        eigen decomposition, whose last bits depend on the CPU kernels."""
         k, d = means.shape
+        weights = torch.full((k,), 1 / k) if weights is None else weights
+        if definition is None:
+            definition = Digest("gmm").tensor("means", means).tensor("covariances", covariances)
+            definition.tensor("weights", weights)
+        self.noise = noise or DiscreteVP.linear_betas()
+        definition.json("dtype", str(dtype)).json("noise", self.noise.config)
+        self._fingerprint = definition.hexdigest()
         self.means = means.to(dtype)
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(covariances.to(torch.float64))
         self.eigenvalues = self.eigenvalues.clamp_min(0).to(dtype)  # [K, d]
         self.eigenvectors = self.eigenvectors.to(dtype)  # [K, d, d]
-        weights = torch.full((k,), 1 / k) if weights is None else weights
         self.log_weights = (weights / weights.sum()).log().to(dtype)
         self.sample_shape = sample_shape or (d,)
-        self.noise = noise or DiscreteVP.linear_betas()
 
     @classmethod
     def fit(cls, images: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4, **kwargs):
@@ -49,13 +59,24 @@ class GaussianMixtureDenoiser:
             means.append(xc.mean(0))
             covs.append(torch.cov(xc.T) + ridge * torch.eye(x.shape[1], dtype=torch.float64))
             counts.append(len(xc))
+        definition = Digest("gmm-fit").tensor("images", images).tensor("labels", labels)
         return cls(
             torch.stack(means),
             torch.stack(covs),
             torch.tensor(counts, dtype=torch.float64),
             sample_shape=tuple(images.shape[1:]),
+            definition=definition.json("ridge", ridge),
             **kwargs,
         )
+
+    def fingerprint(self) -> str:
+        """The model's identity, from its inputs (see ``rldiff.fingerprint``)."""
+        return self._fingerprint
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels are the mixture's components, 0..K-1."""
+        return int(self.means.shape[0])
 
     def sample_data(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Exact draws of x0 from the given components (for distribution checks)."""

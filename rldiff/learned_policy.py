@@ -131,8 +131,8 @@ def export_policy(
     worth keeping beside the policy (final metrics, iteration, wall time).
     """
     from rldiff.algo import module_ids
+    from rldiff.fingerprint import model_fingerprint
     from rldiff.models import load_model
-    from rldiff.reference import model_fingerprint
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     env_config = train_cfg.env_config()

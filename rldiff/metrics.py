@@ -11,16 +11,24 @@ Contract:
 - ``DigitMetrics`` scores images with the digit classifier: FD of its 128-d features against the
   real "train" split, the classifier's confidence and accuracy, and the real-data floor (the real
   "test" split scored the same way) that every reported FD is read against.
+- ``distribution_metrics(model, metric_network, sample_shape)`` decides where those scores mean
+  something: the classifier knows the 1x16x16 digits, so they are computed for the embedded model
+  and the exact digits mixture, or for any model when a metric network is named; otherwise it
+  returns None and every FD and confidence is NaN (never a number from a network that has not seen
+  the data).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from rldiff.denoisers import UNCONDITIONAL
+from rldiff.models import EMBEDDED, EXACT_GMM
 
 
 def rmse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -203,3 +211,59 @@ class DigitMetrics:
         if len(labels) != n:
             raise ValueError(f"{n} images but {len(labels)} labels")
         return labels
+
+
+AUTO = "auto"  # the shipped classifier for the digit models, no distribution metrics for others
+NO_METRICS = "none"
+DIGIT_MODELS = (EMBEDDED, EXACT_GMM)  # models of the digits the shipped classifier knows
+
+
+def distribution_metrics(
+    model: str, metric_network: str = AUTO, sample_shape: tuple[int, ...] | None = None
+) -> DigitMetrics | None:
+    """The FD / confidence scorer for samples of ``model`` (a ``load_model`` spec), or None where
+    no metric network knows its data.
+
+    ``metric_network``: ``"auto"``: the shipped digit classifier for the embedded model (also when
+    named by its directory) and the exact digits mixture, None for any other model; ``"none"``:
+    None; a directory in the shipped classifier's layout (``config.json`` + ``model.safetensors``):
+    that network, for any model whose samples it takes (``sample_shape``), scored against the
+    bundled digits as the real data.
+    """
+    if metric_network == NO_METRICS:
+        return None
+    if metric_network == AUTO:
+        return DigitMetrics() if _is_digit_model(model) else None
+    from rldiff.classifier import load_classifier
+    from rldiff.data import IMAGE_SHAPE
+
+    classifier = load_classifier(metric_network)
+    takes = (classifier.config["in_channels"], *IMAGE_SHAPE[1:])
+    if sample_shape is not None and tuple(sample_shape) != takes:
+        raise ValueError(
+            f"metric network {metric_network} takes images {list(takes)}, but the model makes "
+            f"{list(sample_shape)}"
+        )
+    return DigitMetrics(classifier)
+
+
+def metric_network_id(metric_network: str) -> str:
+    """What a ``metric_network`` setting scores with, for cache keys: ``auto`` / ``none`` as is, a
+    directory as a hash of its weights and config (the same on every machine)."""
+    if metric_network in (AUTO, NO_METRICS):
+        return metric_network
+    from rldiff.classifier import CONFIG_NAME, WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update((Path(metric_network) / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_digit_model(model: str) -> bool:
+    if model in DIGIT_MODELS:
+        return True
+    from rldiff.denoisers import DEFAULT_MODEL_DIR
+
+    path = Path(model)
+    return path.is_dir() and path.resolve() == DEFAULT_MODEL_DIR.resolve()

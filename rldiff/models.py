@@ -10,6 +10,12 @@ EMBEDDED = "embedded"  # the shipped digits UNet (rldiff/assets/digits-unet)
 EXACT_GMM = "gmm"  # the exact Gaussian mixture fitted to the digits: fast, for tests and CI
 
 
+def visible_device() -> str:
+    """``cuda`` when this process sees a GPU, else ``cpu``: where a driver prepares and evaluates,
+    and where an env runner samples."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @lru_cache(maxsize=4)
 def load_model(spec: str = EMBEDDED, device: str = "cpu"):
     """``embedded``, ``gmm``, or a local diffusers ``save_pretrained`` directory."""

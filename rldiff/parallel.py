@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 RAY_MODES = ("auto", "local", "off")
@@ -29,6 +30,14 @@ def connect_ray(mode: str) -> bool:
     else:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     return True
+
+
+def use_tasks(mode: str, denoiser) -> bool:
+    """Whether jobs on ``denoiser`` run as Ray tasks: when ``mode`` connects to Ray and the model
+    sits on the CPU. Tasks ask for one CPU each, so a model on this process's GPU runs its jobs
+    here, on the GPU, instead."""
+    on_gpu = getattr(denoiser, "device", torch.device("cpu")).type == "cuda"
+    return connect_ray(mode) and not on_gpu
 
 
 def parallel_map(fn: Callable, items: Sequence, context, use_ray: bool, desc: str) -> list:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from rldiff.denoisers import Condition, Denoiser
+from rldiff.fingerprint import model_fingerprint
 from rldiff.metrics import rmse_per_sample
 from rldiff.policies import FixedSchedulePolicy
 from rldiff.sampler import MAX_STEPS, sample
@@ -69,36 +69,6 @@ class Reference:
 
     def __len__(self) -> int:
         return len(self.seeds)
-
-
-def model_fingerprint(denoiser: Denoiser) -> str:
-    """sha256 over the model's tensors and its noise table, so any retrained model differs.
-
-    A ``DiffusersDenoiser`` (attribute ``.unet``) hashes the UNet state dict and its prediction
-    type; a ``GaussianMixtureDenoiser`` its means, eigen decomposition and weights. Other models
-    may define ``fingerprint() -> str``.
-    """
-    if hasattr(denoiser, "fingerprint"):
-        return str(denoiser.fingerprint())
-    h = hashlib.sha256()
-    if hasattr(denoiser, "unet"):
-        h.update(f"diffusers:{denoiser.prediction_type}".encode())
-        tensors = sorted(denoiser.unet.state_dict().items())
-    elif hasattr(denoiser, "eigenvectors"):
-        h.update(b"gmm")
-        tensors = [
-            (name, getattr(denoiser, name))
-            for name in ("means", "eigenvalues", "eigenvectors", "log_weights")
-        ]
-    else:
-        raise TypeError(
-            f"cannot fingerprint {type(denoiser).__name__}: give it a fingerprint() -> str method"
-        )
-    for name, tensor in [*tensors, ("noise.sigmas", denoiser.noise.sigmas)]:
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def build_reference(
@@ -380,10 +350,13 @@ def seed_bank(
     steps: int = DEFAULT_STEPS,
     progress: bool = True,
 ) -> Reference:
-    """The cached bank of ``seeds`` (label ``seed % 10``) at one guidance scale. The one naming
-    rule for bank files: model, seed set, guidance and solve are in the name, so training and
-    evaluation share a bank and different settings never collide."""
-    cond = Condition.make([s % 10 for s in seeds], guidance)
+    """The cached bank of ``seeds`` (labels from ``labels_for_seeds``: ``seed % num_classes``, or
+    none for an unconditional model) at one guidance scale. The one naming rule for bank files:
+    model, seed set, guidance and solve are in the name, so training and evaluation share a bank
+    and different settings never collide."""
+    from rldiff.denoisers import labels_for_seeds
+
+    cond = Condition.make(labels_for_seeds(seeds, denoiser.num_classes), guidance)
     path = bank_path(cache, denoiser, name, len(seeds), guidance, steps)
     return load_or_build(path, denoiser, seeds, cond, steps=steps, progress=progress)
 

@@ -1,8 +1,13 @@
-"""Writes the evaluation outputs people read: ``report.md``, ``pareto.png`` and sample grids."""
+"""Writes the evaluation outputs people read: ``report.md``, ``pareto.png`` and sample grids.
+
+Where no metric network knows the model's data (``floor`` is None, FD and confidence are NaN), the
+report says so and shows "n/a", and the Pareto plot has no FD panel.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +32,10 @@ def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
     return dict(sorted(best.items()))
 
 
-def write_report(out: Path, rows, grids, floor: dict, reference: torch.Tensor, model: dict) -> None:
+def write_report(
+    out: Path, rows, grids, floor: dict | None, reference: torch.Tensor, model: dict
+) -> None:
+    """``floor``: the metric network's real-data floor, or None where no network knows the data."""
     families = {f: best_per_budget(rows, f) for f in {r["family"] for r in rows}}
     (out / "report.md").write_text(_markdown(rows, families, floor, model))
     _pareto(rows, families, floor, out / "pareto.png")
@@ -44,6 +52,13 @@ def _present(families):
     return [f for f in FAMILY_ORDER if f in families] + sorted(set(families) - set(FAMILY_ORDER))
 
 
+def _num(value, spec: str) -> str:
+    """``value`` formatted, or "n/a" where it is absent (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
 def _markdown(rows, families, floor, model) -> str:
     n = rows[0]["n_samples"] if rows else 0
     hand, glob = families.get("hand-built", {}), families.get("global", {})
@@ -51,22 +66,43 @@ def _markdown(rows, families, floor, model) -> str:
         "# Evaluation report",
         "",
         f"{n} held-out samples per policy. Reference: high-accuracy ODE solution from the same "
-        "noise. RMSE on the [-1, 1] pixel scale. FD: Fréchet distance on the shipped digit "
-        "classifier's features.",
+        "noise. RMSE on the [-1, 1] pixel scale.",
         "",
-        f"**Floors** (the {floor['count']} real held-out digits vs the training statistics): FD "
-        f"{floor['fd']:.2f}, confidence {floor['confidence']:.3f}. FD falls as the sample count "
-        "grows, so compare FDs at equal counts.",
-        "",
-        f"**The model** sampled accurately (`{model['policy']}`, {model['mean_nfe']:.0f} NFE): FD "
-        f"{model['fd']:.2f} on {model['n_samples']} samples, {model['fd_at_floor_n']:.2f} on "
-        f"{floor['count']} like the floor ({model['fd_at_floor_n'] / floor['fd']:.2f}× the floor); "
-        f"confidence {model['confidence']:.3f}; RMSE to the reference {model['rmse_mean']:.4f}.",
+    ]
+    if floor is None:
+        lines += [
+            "**Distribution metrics are absent for this model**: FD and confidence need a metric "
+            "network that knows the model's data, and the shipped digit classifier knows only the "
+            "1×16×16 digits (the embedded and gmm models). Name one with `--metric-network PATH`. "
+            "Quality here is the RMSE to the reference; FD and confidence read n/a.",
+            "",
+            f"**The model** sampled accurately (`{model['policy']}`, {model['mean_nfe']:.0f} "
+            f"NFE): RMSE to the reference {model['rmse_mean']:.4f}.",
+        ]
+        fd_header = "FD"
+    else:
+        network = floor.get("network", "the shipped digit classifier")
+        ratio = model["fd_at_floor_n"] / floor["fd"]
+        lines += [
+            f"FD: Fréchet distance on the features of {network}.",
+            "",
+            f"**Floors** (the {floor['count']} real held-out digits vs the training statistics): "
+            f"FD {floor['fd']:.2f}, confidence {floor['confidence']:.3f}. FD falls as the sample "
+            "count grows, so compare FDs at equal counts.",
+            "",
+            f"**The model** sampled accurately (`{model['policy']}`, {model['mean_nfe']:.0f} "
+            f"NFE): FD {model['fd']:.2f} on {model['n_samples']} samples, "
+            f"{model['fd_at_floor_n']:.2f} on {floor['count']} like the floor ({ratio:.2f}× the "
+            f"floor); confidence {model['confidence']:.3f}; RMSE to the reference "
+            f"{model['rmse_mean']:.4f}.",
+        ]
+        fd_header = f"FD (floor {floor['fd']:.1f})"
+    lines += [
         "",
         "## Best policy of each family per budget",
         "",
-        "| budget | family | policy | mean NFE | max NFE | RMSE mean | RMSE p90 | FD (floor "
-        f"{floor['fd']:.1f}) | confidence | vs best hand-built |",
+        "| budget | family | policy | mean NFE | max NFE | RMSE mean | RMSE p90 | "
+        f"{fd_header} | confidence | vs best hand-built |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for budget in sorted({r["budget"] for r in rows}):
@@ -77,8 +113,8 @@ def _markdown(rows, families, floor, model) -> str:
             ratio = r["rmse_mean"] / hand[budget]["rmse_mean"] if budget in hand else float("nan")
             lines.append(
                 f"| {budget} | {f} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
-                f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {r['fd']:.2f} | "
-                f"{r['confidence']:.3f} | {ratio:.2f}× |"
+                f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {_num(r['fd'], '.2f')} | "
+                f"{_num(r['confidence'], '.3f')} | {ratio:.2f}× |"
             )
     if hand and glob:
         lines += ["", "## Global schedule vs best hand-built", ""]
@@ -102,8 +138,8 @@ def _markdown(rows, families, floor, model) -> str:
     for r in sorted(rows, key=lambda r: (r["budget"], r["rmse_mean"])):
         lines.append(
             f"| {r['budget']} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
-            f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {r['fd']:.2f} | {r['confidence']:.3f} "
-            f"| {r['seconds_per_sample'] * 1e3:.2f} ms |"
+            f"{r['rmse_mean']:.4f} | {r['rmse_p90']:.4f} | {_num(r['fd'], '.2f')} | "
+            f"{_num(r['confidence'], '.3f')} | {r['seconds_per_sample'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines) + "\n"
 
@@ -132,15 +168,20 @@ def _learned_section(rows, hand: dict, glob: dict) -> list[str]:
         shares = ", ".join(f"{n} {u:.2f}" for n, u in sorted(usage.items(), key=lambda x: -x[1]))
         lines.append(
             f"| {b} | `{r['policy']}` | {r['mean_nfe']:.2f} | {r['max_nfe']} | "
-            f"{r['rmse_mean']:.4f} | {h:.2f}× | {g:.2f}× | {r['fd']:.2f} | {shares} |"
+            f"{r['rmse_mean']:.4f} | {h:.2f}× | {g:.2f}× | {_num(r['fd'], '.2f')} | {shares} |"
         )
     return lines
 
 
 def _pareto(rows, families, floor, path: Path) -> None:
-    fig, (ax_rmse, ax_fd) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Quality vs NFE: RMSE, and FD beside it when there is a distribution metric (``floor``)."""
+    panels = 1 if floor is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax_rmse = axes[0, 0]
+    ax_fd = axes[0, 1] if floor is not None else None
     hand_rows = [r for r in rows if r["family"] == "hand-built"]
-    for ax, key in ((ax_rmse, "rmse_mean"), (ax_fd, "fd")):
+    keys = ((ax_rmse, "rmse_mean"),) if floor is None else ((ax_rmse, "rmse_mean"), (ax_fd, "fd"))
+    for ax, key in keys:
         ax.scatter(
             [r["mean_nfe"] for r in hand_rows],
             [r[key] for r in hand_rows],
@@ -155,11 +196,12 @@ def _pareto(rows, families, floor, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("mean NFE")
         ax.grid(alpha=0.3, which="both")
-    ax_fd.axhline(floor["fd"], color="k", ls="--", lw=1, label="real-data floor")
     ax_rmse.set_ylabel("mean RMSE to the reference")
-    ax_fd.set_ylabel("Fréchet distance (classifier features)")
     ax_rmse.legend(fontsize=8)
-    ax_fd.legend(fontsize=8)
+    if ax_fd is not None:
+        ax_fd.axhline(floor["fd"], color="k", ls="--", lw=1, label="real-data floor")
+        ax_fd.set_ylabel("Fréchet distance (classifier features)")
+        ax_fd.legend(fontsize=8)
     fig.suptitle("Quality vs network evaluations")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

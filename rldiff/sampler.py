@@ -90,6 +90,7 @@ class Sampling:
         self.start = time.perf_counter()
         b = len(noise)
         self.denoiser = denoiser
+        noise = noise.to(getattr(denoiser, "device", noise.device))  # where the model runs
         self.run = _Run(denoiser, cond, torch.as_tensor(budget).expand(b).clone().long(), seeds, b)
         self.sigma = torch.full((b,), denoiser.noise.sigma_max, dtype=torch.float64)
         self.x = noise * denoiser.noise.sigma_max

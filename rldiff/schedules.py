@@ -29,8 +29,9 @@ def karras(n: int, noise: DiscreteVP, rho: float = 7.0) -> torch.Tensor:
 
 
 def time_uniform(n: int, noise: DiscreteVP) -> torch.Tensor:
-    """Uniform in the training timestep: t = linspace(T - 1, 0, n + 1); the final t = 0 becomes 0."""
-    t = torch.linspace(noise.num_train_timesteps - 1, 0, n + 1, dtype=torch.float64)
+    """Uniform in the training timestep from the start timestep down: t = linspace(t_start, 0,
+    n + 1) (t_start = T - 1 unless the start is clipped); the final t = 0 becomes 0."""
+    t = torch.linspace(noise.t_start, 0, n + 1, dtype=torch.float64)
     return _append_zero(noise.t_to_sigma(t[:-1]))
 
 

@@ -30,7 +30,7 @@ from rldiff.algo import TrainConfig, build_config, module_ids, warm_start
 from rldiff.env import training_references
 from rldiff.evaluate import EvaluateConfig, PolicySpec, seed_set
 from rldiff.learned_policy import LearnedPolicy, export_policy
-from rldiff.models import EMBEDDED, load_model
+from rldiff.models import EMBEDDED, load_model, visible_device
 from rldiff.report import plot_schedules
 from rldiff.shipped_cache import seed_cache
 from rldiff.solvers import EXPERT_NAMES
@@ -67,7 +67,8 @@ def run_training(
     if checkpoint is not None:
         cfg = _resumed_config(cfg, out / "train_config.json")
     ev = evaluation_config(cfg, out, eval_samples, eval_overrides)
-    denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
+    # Fails fast on a bad model spec, before Ray starts; prepares on the GPU where there is one.
+    denoiser = load_model(cfg.model, visible_device())
     started_ray = start_ray(dashboard)
     try:
         cfg = prepare_training(cfg, ev, denoiser)
@@ -152,11 +153,11 @@ def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> dict[int, 
     """The base expert's optimised global schedule per training budget (the warm start), from the
     evaluation protocol's cache (computed there and then on first use: minutes on the UNet)."""
     from rldiff.evaluate import optimise_global_schedules
-    from rldiff.parallel import connect_ray
+    from rldiff.parallel import use_tasks
 
     search = dataclasses.replace(ev, global_solvers=(cfg.base_expert,))  # ev: cfg's budgets
     train = seed_set(search, denoiser, 0, search.n_train, "train")
-    found = optimise_global_schedules(search, denoiser, train, connect_ray(search.ray))
+    found = optimise_global_schedules(search, denoiser, train, use_tasks(search.ray, denoiser))
     return {b: found[(cfg.base_expert, b)].tolist() for b in search.budgets}
 
 

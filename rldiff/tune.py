@@ -43,7 +43,7 @@ from rldiff.algo import (
     warm_start,
 )
 from rldiff.env import experts_in_use
-from rldiff.models import EMBEDDED, EXACT_GMM, load_model
+from rldiff.models import EMBEDDED, EXACT_GMM, load_model, visible_device
 from rldiff.train import (
     config_from_json,
     evaluation_config,
@@ -242,7 +242,8 @@ def run_tune(
     experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
     target_budgets(settings)  # fails fast on budgets the trials are not trained at
     ev = evaluation_config(cfg, out, settings.eval_samples, eval_overrides)
-    denoiser = load_model(cfg.model)  # fails fast on a bad model spec, before Ray starts
+    # Fails fast on a bad model spec, before Ray starts; prepares on the GPU where there is one.
+    denoiser = load_model(cfg.model, visible_device())
     started_ray = start_ray(dashboard)
     try:
         import ray

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rldiff.evaluate import EVAL_SEED_OFFSET, PolicySpec, score_policy, seed_set
 from rldiff.learned_policy import export_policy
-from rldiff.metrics import DigitMetrics
+from rldiff.metrics import distribution_metrics
 from rldiff.parallel import connect_ray, parallel_map
 from rldiff.train import LEARNED_NAME, evaluate_policies
 
@@ -140,7 +140,9 @@ def score_trials(rows: list[dict], settings, budgets, ev, denoiser) -> dict:
         for b in budgets
     ]
     selection = seed_set(ev, denoiser, SELECTION_SEED_OFFSET, settings.select_samples, "select")
-    context = (denoiser, selection, DigitMetrics())
+    shape = getattr(denoiser, "sample_shape", None)
+    metrics = distribution_metrics(ev.model, ev.metric_network, shape)  # None: FD is NaN
+    context = (denoiser, selection, metrics)
     print(
         f"scoring {len(scored)} trials on {settings.select_samples} held-out samples at {budgets}"
     )

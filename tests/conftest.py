@@ -98,3 +98,28 @@ def _tiny_train_config(cache: str, **changes):
 def tiny_train_config():
     """``tiny_train_config(cache, **changes)``: see ``_tiny_train_config``."""
     return _tiny_train_config
+
+
+def _tiny_unet(num_class_embeds=None, seed=0):
+    """A diffusers UNet2DModel of a few thousand parameters, 1x8x8, deterministic per seed."""
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            num_class_embeds=num_class_embeds,
+        ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """``tiny_unet(num_class_embeds=None, seed=0)``: see ``_tiny_unet``."""
+    return _tiny_unet

@@ -111,27 +111,9 @@ NUM_CLASSES = 3  # two classes and the null class (the last index)
 NULL = NUM_CLASSES - 1
 
 
-def _tiny_unet():
-    from diffusers import UNet2DModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 8),
-            layers_per_block=1,
-            norm_num_groups=4,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            num_class_embeds=NUM_CLASSES,
-        ).eval()
-
-
 @pytest.fixture(scope="module")
-def unet():
-    return _tiny_unet()
+def unet(tiny_unet):
+    return tiny_unet(NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -274,9 +256,9 @@ def test_load_denoiser_reads_other_beta_schedules(unet, tmp_path):
     ac = DDPMScheduler(**config).alphas_cumprod.to(F64)
     assert torch.allclose(1 / (1 + den.noise.sigmas**2), ac, rtol=1e-5)
     cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
-    cfg["beta_schedule"] = "squaredcos_cap_v2"
+    cfg["beta_schedule"] = "exponential"  # not a diffusers beta schedule
     (tmp_path / "scheduler_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="beta_schedule"):
+    with pytest.raises(ValueError, match="beta_schedule .*squaredcos_cap_v2"):
         load_denoiser(tmp_path)
 
 
@@ -305,11 +287,11 @@ def test_discrete_vp_matches_ddpm_scheduler():
     ac = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
     ).alphas_cumprod.to(F64)
-    # alpha_bar = 1 / (1 + sigma^2); diffusers keeps it in float32, so compare it, not
-    # sqrt((1 - a) / a), where 1 - a loses float32's digits near t = 0
-    assert torch.allclose(1 / (1 + noise.sigmas**2), ac, rtol=1e-5)
+    # the table is diffusers' float32 alpha_bar itself, sigma = sqrt((1 - a) / a) from it in
+    # float64; float32's 1 - beta moves sigma_min 8.3e-5 from the float64 formula's value
+    assert torch.allclose(noise.sigmas, ((1 - ac) / ac).sqrt(), rtol=1e-12, atol=0)
     assert noise.num_train_timesteps == 1000
-    assert noise.sigma_min == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)), rel=1e-12)
+    assert noise.sigma_min == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)), rel=1e-4)
     assert noise.sigma_max == pytest.approx(157.4, rel=1e-3)
     assert (noise.sigmas.diff() > 0).all()
 

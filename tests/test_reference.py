@@ -9,6 +9,7 @@ import torch
 
 import rldiff.reference as reference_module
 from rldiff.denoisers import Condition
+from rldiff.fingerprint import model_fingerprint
 from rldiff.gmm import GaussianMixtureDenoiser
 from rldiff.reference import (
     ReferenceAccuracyError,
@@ -16,7 +17,6 @@ from rldiff.reference import (
     build_reference,
     load_or_build,
     load_reference,
-    model_fingerprint,
 )
 
 FAST = {"steps": 80, "check_steps": 160, "check_samples": 4, "progress": False}
@@ -202,45 +202,3 @@ def test_reference_is_close_to_a_much_finer_solve(small_gmm, request_rows):
     coarse = build_reference(small_gmm, seeds, cond, **FAST)
     fine = build_reference(small_gmm, seeds, cond, steps=320, check_samples=0, progress=False)
     assert (coarse.x0 - fine.x0).pow(2).mean(1).sqrt().max() < 2e-3
-
-
-def test_fingerprint_covers_weights_and_noise_table():
-    from rldiff.noise import DiscreteVP
-
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    covs = (
-        torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * torch.tensor([1.0, 2.0])[:, None, None]
-    )
-    weights = torch.tensor([0.7, 0.3])
-    base = GaussianMixtureDenoiser(means, covs, weights)
-    same = GaussianMixtureDenoiser(means.clone(), covs.clone(), weights.clone())
-    assert model_fingerprint(same) == model_fingerprint(base)
-    variants = [
-        GaussianMixtureDenoiser(means, covs, weights.flip(0)),
-        GaussianMixtureDenoiser(means, covs * 1.01, weights),
-        GaussianMixtureDenoiser(
-            means, covs, weights, noise=DiscreteVP.linear_betas(beta_end=0.012)
-        ),
-    ]
-    prints = {model_fingerprint(m) for m in (base, *variants)}
-    assert len(prints) == 4
-
-
-def test_fingerprint_of_a_unet_model_hashes_its_state_dict():
-    """The ``.unet`` branch (as in ``DiffusersDenoiser``), with a plain module standing in for the
-    UNet: importing diffusers would dominate this file's runtime."""
-    from types import SimpleNamespace
-
-    from rldiff.noise import DiscreteVP
-
-    def model(seed, prediction_type="epsilon"):
-        torch.manual_seed(seed)
-        unet = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4))
-        return SimpleNamespace(
-            unet=unet, prediction_type=prediction_type, noise=DiscreteVP.linear_betas()
-        )
-
-    assert model_fingerprint(model(0)) == model_fingerprint(model(0))
-    assert model_fingerprint(model(1)) != model_fingerprint(model(0))
-    assert model_fingerprint(model(0, "v_prediction")) != model_fingerprint(model(0))

@@ -5,7 +5,9 @@ metrics. ``Sampler`` holds the model and the policies (``Catalog``); concurrent 
 by ``@serve.batch`` (and, while the sampler is busy, by ``RunMerger``) into one sampler run
 (``run_jobs``) and split back. Its ``user_config`` names the learned policy directory: redeploying
 with another one calls ``reconfigure`` and swaps it in place; a directory that fails to load
-leaves the old policy serving and is reported by ``GET /v1/policy``. ``build_app`` is the application builder:
+leaves the old policy serving and is reported by ``GET /v1/policy``. ``build_app`` is the
+application builder; it also decides how many GPUs each ``Sampler`` replica asks Ray for
+(``sampler_gpus``, ``resolve_sampler_gpus``):
 
     serve run serve.app:build_app model=gmm policy=train-gmm3/policy policy_root=runs
 """
@@ -14,11 +16,13 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -39,6 +43,7 @@ from rldiff.serving.schemas import (
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH_WAIT_S = 0.005  # how long a sampler run waits for more requests to merge
+SAMPLER_CPUS = 1  # CPUs per Sampler replica (its GPUs: ``resolve_sampler_gpus``)
 
 
 class AppArgs(BaseModel):
@@ -51,6 +56,12 @@ class AppArgs(BaseModel):
     policy_root: str = "runs"  # policy directories load only from inside this directory
     evaluation: str | None = None  # an evaluation directory: best hand-built when degraded
     device: str = "cpu"  # the model's device: cpu, cuda, or auto (cuda where the replica has one)
+    # TF32 convolutions on a GPU: faster, but samples move from the exact (CPU) result by up to
+    # 1e-3 (UniPC, 6 NFE) and far more for Heun; off by default, as everywhere numbers are made.
+    allow_tf32: bool = False
+    # GPUs per Sampler replica: auto (1 if the device is not cpu and the cluster has a GPU, else
+    # 0) or a number (a fraction packs several replicas on one GPU)
+    sampler_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
     api_key_env: str = "RLDIFF_API_KEY"  # the environment variable holding the API key
     api_key_file: str | None = None  # or a file holding it (first line)
     require_api_key: bool = False  # refuse to start without a key (the cluster config sets it)
@@ -74,8 +85,61 @@ def _samples_in(items: list[tuple[Job, float]]) -> int:
     return sum(len(job.seeds) for job, _ in items)
 
 
+def cluster_gpus() -> float:
+    """The GPUs of the Ray cluster this process is connected to; before Ray is started (``rldiff
+    serve`` and ``serve run <import path>`` build the application first, then start a local Ray)
+    the GPUs of this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def resolve_sampler_gpus(
+    requested: str | float, device: str, gpus: Callable[[], float] | None = None
+) -> tuple[float, str, str | None]:
+    """GPUs per ``Sampler`` replica, why, and a warning where the combination looks wrong.
+
+    ``auto``: none for a model on the CPU (``device: cpu``); else one if the cluster has a GPU
+    (``gpus()``, by default ``cluster_gpus``), none if it has none, so that no replica waits
+    forever for a GPU that no node has. Ray hides the GPUs from a replica that asks for none, so
+    ``device: auto`` then runs on the CPU. A number is taken as given (an autoscaler may still
+    add the nodes it needs).
+    """
+    gpus = gpus or cluster_gpus
+    needs_gpu = device not in ("cpu", "auto")  # cuda, cuda:0, ...
+    if requested == "auto":
+        if device == "cpu":
+            return 0.0, "sampler_gpus=auto, device=cpu", None
+        available = gpus()
+        if available > 0:
+            return (
+                min(1.0, available),
+                f"sampler_gpus=auto, {available:g} GPUs in the cluster",
+                None,
+            )
+        why = "sampler_gpus=auto, no GPU in the cluster"
+        warning = f"device={device} needs a GPU: the replica will fail to load the model"
+        return 0.0, why, warning if needs_gpu else None
+    wanted = float(requested)
+    why, warning = f"sampler_gpus={wanted:g}", None
+    if wanted > 0 and device == "cpu":
+        warning = "device=cpu leaves the replica's GPU unused"
+    elif wanted > 0 and (available := gpus()) < wanted:
+        warning = (
+            f"the cluster has {available:g} GPUs now: replicas wait until nodes with free GPUs "
+            "join (an autoscaler may add them)"
+        )
+    elif wanted == 0 and needs_gpu:
+        warning = f"device={device} needs a GPU: the replica will fail to load the model"
+    return wanted, why, warning
+
+
 @serve.deployment(
-    ray_actor_options={"num_cpus": 1},
+    ray_actor_options={"num_cpus": SAMPLER_CPUS},  # + num_gpus from build_app
     max_ongoing_requests=256,  # = max_batch_size * max_concurrent_batches: full batches
     health_check_period_s=10,
 )
@@ -83,8 +147,15 @@ class Sampler:
     """The model, the policies and the batched sampler."""
 
     def __init__(
-        self, model: str, policy_root: str, evaluation: str | None, batch: dict, device: str
+        self,
+        model: str,
+        policy_root: str,
+        evaluation: str | None,
+        batch: dict,
+        device: str,
+        allow_tf32: bool = False,
     ):
+        import ray
         import torch
 
         from rldiff.models import load_model
@@ -94,7 +165,10 @@ class Sampler:
         torch.set_num_threads(1)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.catalog = Catalog(model, load_model(model, device), policy_root, evaluation)
+        logger.info(f"Sampler: model on {device}, GPUs assigned by Ray: {ray.get_gpu_ids()}")
+        denoiser = load_model(model, device)
+        denoiser.allow_tf32 = allow_tf32  # only the GPU path reads it (rldiff.denoisers.set_tf32)
+        self.catalog = Catalog(model, denoiser, policy_root, evaluation)
         self.metrics = SamplerMetrics()
         self.failures = 0  # consecutive failed sampler runs: the health check's signal
         self.run.set_max_batch_size(batch["max_samples"])
@@ -312,7 +386,16 @@ def build_app(args) -> serve.Application:
         key["file"] = str(Path(args.api_key_file).resolve())
     batch = {"max_samples": limits.max_batch_samples, "wait_s": args.batch_wait_s}
     logging_config = {"enable_access_log": args.access_log}
+    # Set here, not in the config file: a deployment's ray_actor_options in a Serve config file
+    # replace these as a whole (num_gpus included).
+    gpus, why, warning = resolve_sampler_gpus(args.sampler_gpus, args.device)
+    actor_options = {"num_cpus": SAMPLER_CPUS, **({"num_gpus": gpus} if gpus else {})}
+    logger.info(f"Sampler replicas: {SAMPLER_CPUS} CPU and {gpus:g} GPU each ({why})")
+    if warning:
+        logger.warning(f"Sampler replicas: {warning}")
     sampler = Sampler.options(
-        user_config={"policy": args.policy}, logging_config=logging_config
-    ).bind(args.model, str(root), evaluation, batch, args.device)
+        ray_actor_options=actor_options,
+        user_config={"policy": args.policy},
+        logging_config=logging_config,
+    ).bind(args.model, str(root), evaluation, batch, args.device, args.allow_tf32)
     return Ingress.options(logging_config=logging_config).bind(sampler, limits.as_dict(), key)

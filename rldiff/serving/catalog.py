@@ -52,7 +52,7 @@ class Catalog:
     """The served model and policies. ``swap`` replaces the learned policy atomically."""
 
     def __init__(self, model: str, denoiser, root, evaluation: str | None = None):
-        from rldiff.reference import model_fingerprint
+        from rldiff.fingerprint import model_fingerprint
 
         self.model, self.denoiser = model, denoiser
         self.root = Path(root).resolve()
