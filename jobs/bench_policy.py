@@ -42,8 +42,9 @@ def random_learned_policy(seed: int = 0):
     import gymnasium as gym
 
     from rldiff.algo import ROUTER, TrainConfig, build_config, module_ids
-    from rldiff.env import OBS_DIM, K
     from rldiff.learned_policy import LearnedPolicy
+    from rldiff.policy_export import policy_net_from_module
+    from rldiff.routing import OBS_DIM, K
     from rldiff.solvers import EXPERT_NAMES
 
     torch.manual_seed(seed)
@@ -53,24 +54,24 @@ def random_learned_policy(seed: int = 0):
     spaces = {m: (obs_space, gym.spaces.Discrete(K) if m == ROUTER else expert_space) for m in ids}
     config = build_config(TrainConfig())
     multi = config.get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
-    modules = {m: multi[m].eval() for m in ids}
+    nets = {m: policy_net_from_module(multi[m]) for m in ids}
     experts = [m for m in ids if m != ROUTER]
     spec = {
         "router": ROUTER,
         "experts": [
             {"name": EXPERT_NAMES[int(m[7:])], "index": int(m[7:]), "module": m} for m in experts
         ],
-        "warm_start": {"schedules": None, "step_range": 3.0},
+        "base_schedule": {"schedules": None, "step_range": 3.0},
         "cost_per_nfe": 0.0,
     }
-    return LearnedPolicy(spec, modules, name="random-modules")
+    return LearnedPolicy(spec, nets, name="random-modules")
 
 
 def default_bandit(seed: int = 0):
     from rldiff.bandit import BanditPolicy
-    from rldiff.env import WarmStart
+    from rldiff.routing import BaseSchedule
 
-    bandit = BanditPolicy.empty(BUDGETS, WarmStart(), epsilon=0.1)
+    bandit = BanditPolicy.empty(BUDGETS, BaseSchedule(), epsilon=0.1)
     bandit.values = np.random.default_rng(seed).normal(size=bandit.values.shape)
     return bandit
 

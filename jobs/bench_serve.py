@@ -6,7 +6,7 @@ Run (from the repository root; about 2-3 minutes on 2 busy cores):
         [--per-client 40] [--policy-root DIR --policy DIR]
 
 Without ``--policy`` it exports an UNTRAINED policy for the embedded model into a temporary
-directory (fresh modules, the logSNR warm start): its decisions are meaningless, its cost is a
+directory (fresh modules, the logSNR split as base schedule): its decisions are meaningless, its cost is a
 trained policy's, so the figures are latency and throughput only. It starts a local Ray and Serve
 on 127.0.0.1 (access log off) and measures, all with one torch thread:
 

@@ -1,7 +1,7 @@
 """Train the router and the solver experts jointly with multi-agent PPO, then export and evaluate.
 
 What it does: loads (from the shipped precomputed inputs or the cache; else optimises) the base
-expert's global schedule per NFE budget as the warm start, builds the training reference bank,
+expert's global schedule per NFE budget as the base schedule, builds the training reference bank,
 trains router + experts (``moe``) with RLlib PPO (one progress line per iteration, TensorBoard
 event files, a checkpoint every ``--checkpoint-every`` iterations and at the end), then the
 ``ppo-single`` ablation (UniPC alone, step size only; ``--no-ablations`` skips it), exports both
@@ -26,8 +26,8 @@ iterations of ~9 s for ``moe``, 40 of ~6 s for ``ppo-single``, then the evaluati
 ``OUT/evaluation/report.md`` shows the learned policies beside the best hand-built and best global
 schedule per budget: about 0.5-0.7x the best hand-built RMSE at 4-8 NFE and within a few per cent
 of the optimised global schedule; ``schedules.png`` plots the schedules ``moe`` chose, coloured by
-expert. Also ``OUT/progress.jsonl``, ``OUT/tensorboard/`` (``rldiff/*`` quality and NFE,
-``charts/expert_usage/*``, ``losses/<module>/*``), ``OUT/checkpoints/iter_XXXX``, ``OUT/policy/``
+expert. Also ``OUT/progress.jsonl``, ``OUT/tensorboard/`` (``charts/*`` quality, NFE and
+expert usage, ``losses/<module>/*``), ``OUT/checkpoints/iter_XXXX``, ``OUT/policy/``
 and ``OUT/ablations/ppo-single/``. See the README for measured numbers.
 """
 

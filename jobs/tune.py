@@ -4,7 +4,7 @@ What it does: prepares what every trial shares once (the base expert's optimised
 per budget, the training reference bank), runs a Tune search over the training configuration
 (learning rate, entropy bonuses, PPO clip, network sizes, the reward's cost per NFE, the step
 range, the experts in play, the router warm start) with ASHA early stopping on
-``rldiff/rmse_vs_base``, as many trials at once as the cluster's CPUs and GPUs hold, retries of
+``charts/rmse_vs_base``, as many trials at once as the cluster's CPUs and GPUs hold, retries of
 failed trials and a checkpoint per trial. Then every finished trial is exported and scored on
 held-out seeds, the winner is exported with its evaluation report, and the trials are tabulated
 and plotted.

@@ -6,8 +6,8 @@ Collapse guard, two parts:
   config overrides), so PPO keeps exploring the experts instead of locking onto one early, and
   every expert keeps getting rows to learn from; it is annealed (``router_entropy_final``) so the
   router can commit to its best choices late in training, when the experts have learned;
-- a warm start toward the base expert (``router_warm_start``, a post-build step:
-  ``warm_start_router``). The env's base schedule is the base expert's (``base_expert``) optimised
+- a warm start toward the base expert (``router_warm_start``, set by the modules themselves:
+  ``WarmStartPPOModule``). The env's base schedule is the base expert's (``base_expert``) optimised
   global schedule, and a zero step action reproduces it, so "base expert, zero action" is a policy
   worth 0 reward by construction. A router that starts uniform over the experts is far from it:
   most early episodes run solvers the schedule was not tuned for, their rewards are poor and noisy,
@@ -16,9 +16,10 @@ Collapse guard, two parts:
   over the others (enough for every expert to be tried, and for the entropy bonus to work from).
   Only the bias of the router's policy-head output layer is set (to the log of these
   probabilities); its weights keep their random init, so the logits still depend on the
-  observation a little and the probabilities are the target on average, not exactly. Done on the
-  learner's module, then synced to the env runners; never on resume (the checkpoint's router is
-  the trained one). 0 or None turns it off (a uniform start, up to the random init).
+  observation a little and the probabilities are the target on average, not exactly. Every copy
+  of the module (learner, env runners) starts so when it is built; a restored or resumed run then
+  loads its checkpoint's weights over it. 0 or None turns it off (a uniform start, up to the
+  random init).
 
 Expert usage and router entropy are logged every episode to watch for collapse anyway.
 
@@ -29,18 +30,20 @@ ablation: step size only, one solver). Router action ``j`` is ``experts[j]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rldiff.env import ENV_DEFAULTS, K, RoutingEnv, experts_in_use
+from rldiff.env import ENV_DEFAULTS, RoutingEnv
+from rldiff.routing import K, experts_in_use
 from rldiff.solvers import EXPERT_NAMES, expert_index
 
 ROUTER = "router"
@@ -74,11 +77,11 @@ class TrainConfig:
     router_entropy_coeff: float = 0.2
     router_entropy_final: float | None = 0.01
     router_entropy_anneal: float = 0.67
-    # Initial router probability of the base expert, the rest uniform (collapse guard; fresh runs
-    # only, see warm_start_router). 0 or None: no warm start.
+    # Initial router probability of the base expert, the rest uniform (collapse guard, see
+    # WarmStartPPOModule). 0 or None: no warm start.
     router_warm_start: float | None = 0.8
-    # Initial std of every expert's Gaussian in [-1, 1] action units (warm_start_experts; fresh
-    # runs only). 0 or None: RLlib's default of 1.
+    # Initial std of every expert's Gaussian in [-1, 1] action units (see WarmStartPPOModule).
+    # 0 or None: RLlib's default of 1.
     expert_init_std: float | None = 0.3
     clip: float = 0.2  # PPO clip parameter
     gamma: float = 1.0  # undiscounted: the only reward comes at the sample's end
@@ -126,7 +129,7 @@ def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
 def build_config(cfg: TrainConfig) -> PPOConfig:
     """THE RLlib config: multi-agent PPO over ``RoutingEnv``, one module per router / expert in
     play (``cfg.experts``)."""
-    model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
+    model = asdict(DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False))
     env_config = cfg.env_config()
     modules = module_ids(env_config["experts"])
     overrides = {ROUTER: {"entropy_coeff": router_entropy(cfg)}} if ROUTER in modules else {}
@@ -142,7 +145,13 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
         )
         .rl_module(
             rl_module_spec=MultiRLModuleSpec(
-                rl_module_specs={m: RLModuleSpec(model_config=model) for m in modules}
+                rl_module_specs={
+                    m: RLModuleSpec(
+                        module_class=WarmStartPPOModule,
+                        model_config={**model, **initial_outputs(cfg, m)},
+                    )
+                    for m in modules
+                }
             ),
             algorithm_config_overrides_per_module=overrides,
         )
@@ -201,83 +210,70 @@ def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
     return probs
 
 
-def warm_start(algo, cfg: TrainConfig) -> dict[str, float] | None:
-    """Both warm starts of a freshly built ``algo`` (the router's and the experts'); returns the
-    router's target probabilities by expert name (None when it was not warm-started). Call it
-    once, right after ``build_algo()``; never on a restored algorithm (it would undo training)."""
-    warm_start_experts(algo, cfg)
-    return warm_start_router(algo, cfg)
+# WarmStartPPOModule's own model_config keys (filled in by initial_outputs).
+INITIAL_PROBS = "initial_probs"  # the router's initial action probabilities
+INITIAL_STD = "initial_std"  # an expert's initial Gaussian std
 
 
-def warm_start_router(algo, cfg: TrainConfig) -> dict[str, float] | None:
-    """Points a freshly built ``algo``'s router at the base expert (see the module docstring).
-
-    Sets the bias of the router's policy-head output layer (logits = log of
-    ``router_warm_start_probs``; the weights stay as initialised) in every learner's module, then
-    syncs the router's weights to the env runners as ``PPO.training_step`` does after an update.
-    Returns the target probabilities by expert name, or None when nothing was done.
-    """
-    probs = router_warm_start_probs(cfg)
-    if probs is None:
-        if cfg.router_warm_start and ROUTER in module_ids(cfg.env_config()["experts"]):
-            print(f"router warm start skipped: base expert {cfg.base_expert} is not in play")
-        return None
-    logits = torch.as_tensor(np.log(probs), dtype=torch.float32)
-
-    def set_bias(learner):
-        layer = policy_output_layer(learner.module[ROUTER].unwrapped())
-        if layer.bias is None or layer.out_features != len(logits):
-            raise ValueError(f"router policy head {layer} has no bias of size {len(logits)}")
-        with torch.no_grad():
-            layer.bias.copy_(logits.to(layer.bias))
-
-    _on_learners_then_runners(algo, set_bias, [ROUTER])
-    names = [EXPERT_NAMES[k] for k in experts_in_use(cfg.env_config()["experts"])]
-    return {n: float(q) for n, q in zip(names, probs, strict=True)}
-
-
-def warm_start_experts(algo, cfg: TrainConfig) -> None:
-    """Starts every expert's Gaussian with standard deviation ``expert_init_std`` (in the
-    normalised [-1, 1] action units) for every observation: the log-std half of the policy head's
-    output layer gets zero weights and bias ``log(expert_init_std)``. RLlib's default (std 1 on a
-    [-1, 1] action) makes early episodes several times worse than the base schedule, and PPO then
-    spends its iterations undoing that noise; the means keep their random init (near 0: the base
-    schedule). None or 0 keeps RLlib's default."""
+def initial_outputs(cfg: TrainConfig, module_id: str) -> dict:
+    """``module_id``'s ``WarmStartPPOModule`` keys for its ``model_config``: the router's
+    ``router_warm_start_probs``, an expert's ``expert_init_std``; none when turned off."""
+    if module_id == ROUTER:
+        probs = router_warm_start_probs(cfg)
+        return {} if probs is None else {INITIAL_PROBS: probs.tolist()}
     std = cfg.expert_init_std
     if not std:
-        return
+        return {}
     if std <= 0:
         raise ValueError(f"expert_init_std must be positive (0 or None: off), got {std!r}")
-    experts = [m for m in module_ids(cfg.env_config()["experts"]) if m != ROUTER]
+    return {INITIAL_STD: float(std)}
 
-    def set_log_std(learner):
-        for m in experts:
-            layer = policy_output_layer(learner.module[m].unwrapped())
-            half = layer.out_features // 2
-            with torch.no_grad():
+
+def warm_start_note(cfg: TrainConfig) -> str | None:
+    """The line a fresh training run prints about its router's start (None: nothing to say)."""
+    experts = experts_in_use(cfg.env_config()["experts"])
+    probs = router_warm_start_probs(cfg)
+    if probs is not None:
+        targets = zip((EXPERT_NAMES[k] for k in experts), probs, strict=True)
+        return "router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in targets)
+    if cfg.router_warm_start and len(experts) > 1:
+        return f"router warm start skipped: base expert {cfg.base_expert} is not in play"
+    return None
+
+
+class WarmStartPPOModule(DefaultPPOTorchRLModule):
+    """RLlib's default PPO torch module, its policy starting where its ``model_config`` says.
+
+    After the default setup (same layers, same random draws), the output layer of ``pi`` (the
+    action distribution inputs) is set from two optional keys:
+
+    - ``initial_probs`` (the router): bias = log of these action probabilities; the weights keep
+      their random init, so the probabilities hold on average over observations;
+    - ``initial_std`` (an expert): the log-std half of the Gaussian's outputs gets zero weights and
+      bias ``log(initial_std)``, that std for every observation; the mean half keeps its random
+      init (near 0: the base schedule).
+
+    Set at construction, not edited into a built algorithm: every copy (learner, env runners)
+    starts so without a weight sync of its own, and a restore loads its checkpoint over it.
+    """
+
+    def setup(self):
+        super().setup()
+        config = self.model_config if isinstance(self.model_config, dict) else {}
+        probs, std = config.get(INITIAL_PROBS), config.get(INITIAL_STD)
+        if probs is None and std is None:
+            return
+        layer = policy_output_layer(self)
+        size = layer.out_features if probs is None else len(probs)
+        if layer.bias is None or layer.out_features != size:
+            raise ValueError(f"policy head {layer} has no bias of size {size}")
+        with torch.no_grad():
+            if probs is not None:
+                layer.bias.copy_(torch.as_tensor(np.log(probs), dtype=torch.float32))
+            if std is not None:
+                half = layer.out_features // 2
                 layer.weight[half:].zero_()
                 layer.bias[half:].fill_(float(np.log(std)))
-
-    _on_learners_then_runners(algo, set_log_std, experts)
-
-
-def _on_learners_then_runners(algo, fn, modules: list[str]) -> None:
-    """Runs ``fn(learner)`` on every learner, then syncs ``modules`` to the env runners."""
-    for result in algo.learner_group.foreach_learner(fn):
-        if not result.ok:
-            raise result.get()
-    for group in (algo.env_runner_group, algo.eval_env_runner_group):
-        if group is not None:
-            # timeout None: first wait for the build's own state broadcast to the runners. RLlib
-            # allows one in-flight "set_state" per runner (max_requests_in_flight_per_env_runner)
-            # and silently drops a second one, so right after build_algo() the default
-            # fire-and-forget sync could be lost. Later calls to a runner run after this one.
-            group.sync_weights(
-                from_worker_or_learner_group=algo.learner_group,
-                policies=modules,
-                inference_only=True,
-                timeout_seconds=None,
-            )
 
 
 def policy_output_layer(module) -> torch.nn.Linear:
@@ -319,8 +315,9 @@ def learner_resources(env_runners: int) -> dict:
 
 
 class RoutingMetrics(RLlibCallback):
-    """Per-episode custom metrics under ``rldiff/``: reference RMSE (policy and base), NFE,
-    NFE / budget, reward, per-expert usage fractions and the router's mean policy entropy."""
+    """Per-episode custom metrics in ``result["env_runners"][METRICS]``, logged by ``rldiff.loop``
+    as ``charts/*``: reference RMSE (policy and base), NFE, NFE / budget, reward, per-expert usage
+    fractions and the router's mean policy entropy."""
 
     def on_episode_end(self, *, episode, env=None, env_index=0, metrics_logger=None, **kwargs):
         if metrics_logger is None:

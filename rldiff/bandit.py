@@ -1,10 +1,10 @@
 """The classic baseline: an epsilon-greedy bandit router over the experts, fixed step rule.
 
-Arms are experts; a context is (budget, step index). Every arm steps with the env's warm start
-(``WarmStart``: the base schedule or the logSNR split, zero step actions; noise amount 1 for the
+Arms are experts; a context is (budget, step index). Every arm steps around the base schedule
+(``BaseSchedule``: per-budget sigmas or the logSNR split, zero step actions; noise amount 1 for the
 stochastic expert), so only the expert per step is learned. Training runs the shared sampler on
 batches of training samples, choosing arms epsilon-greedily per context, and credits every arm a
-sample chose with that sample's final reward (``rldiff.env.reward`` against the base run from the
+sample chose with that sample's final reward (``rldiff.routing.reward`` against the base run from the
 same noise); an arm's value is the running mean of its credits in that context.
 """
 
@@ -16,9 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rldiff.env import WarmStart, WarmStartPolicy, decision_from_actions, experts_in_use, reward
 from rldiff.metrics import rmse_per_sample
 from rldiff.policies import Decision, Observation
+from rldiff.routing import (
+    BaseSchedule,
+    BaseSchedulePolicy,
+    decision_from_actions,
+    experts_in_use,
+    reward,
+)
 from rldiff.sampler import sample
 from rldiff.solvers import EXPERT_NAMES
 
@@ -28,7 +34,7 @@ class BanditPolicy:
 
     name = "bandit"
 
-    def __init__(self, budgets, values, counts, base: WarmStart, epsilon: float, experts=None):
+    def __init__(self, budgets, values, counts, base: BaseSchedule, epsilon: float, experts=None):
         self.budgets = np.asarray(sorted({int(b) for b in budgets}))
         self.values = np.asarray(values, dtype=np.float64)
         self.counts = np.asarray(counts, dtype=np.int64)
@@ -36,7 +42,7 @@ class BanditPolicy:
         self.base, self.epsilon = base, float(epsilon)
 
     @classmethod
-    def empty(cls, budgets, base: WarmStart, epsilon: float, experts=None) -> BanditPolicy:
+    def empty(cls, budgets, base: BaseSchedule, epsilon: float, experts=None) -> BanditPolicy:
         shape = (len(set(budgets)), int(max(budgets)), len(experts_in_use(experts)))
         return cls(budgets, np.zeros(shape), np.zeros(shape, np.int64), base, epsilon, experts)
 
@@ -90,7 +96,7 @@ class BanditPolicy:
     @classmethod
     def load(cls, path) -> BanditPolicy:
         d = json.loads(Path(path).read_text())
-        base = WarmStart.make(d["schedules"], d["step_range"])
+        base = BaseSchedule.make(d["schedules"], d["step_range"])
         return cls(d["budgets"], d["values"], d["counts"], base, d["epsilon"], d["experts"])
 
 
@@ -113,7 +119,7 @@ def train_bandit(
     noise: torch.Tensor,
     cond,
     budgets,
-    base: WarmStart | None = None,
+    base: BaseSchedule | None = None,
     rounds: int = 20,
     epsilon: float = 0.1,
     seed: int = 0,
@@ -127,11 +133,11 @@ def train_bandit(
     """Trains on the TRAINING samples ``noise`` [N, ...] (unit), ``cond`` [N], ``reference`` [N, ...]
     (``seeds`` [N] seed their stochastic steps, default 0..N-1); each round draws ``batch_size``
     samples and a budget per sample from ``budgets``."""
-    base = base or WarmStart()
+    base = base or BaseSchedule()
     n, rng = len(noise), np.random.default_rng(seed)
     seeds = np.arange(n) if seeds is None else np.asarray(seeds, dtype=np.int64)
     bandit = BanditPolicy.empty(budgets, base, epsilon, experts)
-    explorer, base_policy = _Exploring(bandit, rng), WarmStartPolicy(base_expert, base)
+    explorer, base_policy = _Exploring(bandit, rng), BaseSchedulePolicy(base_expert, base)
     base_rmse = {}  # (sample, budget) -> RMSE of the base run from the same noise
     for _ in range(rounds):
         idx = torch.as_tensor(rng.choice(n, batch_size, replace=n < batch_size))

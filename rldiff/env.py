@@ -1,13 +1,14 @@
 """The routing MDP as an RLlib multi-agent env: one episode samples a batch with the shared sampler.
 
 Agents per sample ``i``: ``router_{i}`` (Discrete(K): which expert solver steps) and
-``expert{k}_{i}`` (Box [-1, 1]^2: step size and noise amount, a warm start around a base schedule).
+``expert{k}_{i}`` (Box [-1, 1]^2: step size and noise amount around the base schedule).
 Turn-based: env step A, every unfinished sample's router acts; env step B, each sample's chosen
 expert acts, then ``Sampling.advance`` steps the whole batch with one ``Decision`` (and the next
 ``observe()`` evaluates the denoiser once for all unfinished samples). At a sample's end its router
 and every expert that acted on it get ``r = clip(log(rmse_base / rmse), -2, 2) - cost * nfe``, where
 ``rmse_base`` is what the base schedule with ``base_expert`` reaches from the same noise; all other
 rewards are 0 (RLlib adds a reward for an agent without an observation to its last action).
+What the actions mean, the features and the reward are ``rldiff.routing``'s.
 
 ``experts`` (env_config, default all) restricts the experts in play: with several, the router picks
 among them (router action ``j`` -> global expert ``experts[j]``; expert agent ids keep the global
@@ -17,27 +18,29 @@ and every env step is one sampler step in which that expert's agents act.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
-from rldiff.denoisers import UNCONDITIONAL, Condition, labels_for_seeds
+from rldiff.denoisers import Condition, labels_for_seeds
 from rldiff.metrics import rmse_per_sample
 from rldiff.models import load_model, visible_device
-from rldiff.policies import Decision, Observation, budget_log_step
 from rldiff.reference import DEFAULT_STEPS, seed_bank
+from rldiff.routing import (
+    OBS_DIM,
+    BaseSchedule,
+    BaseSchedulePolicy,
+    K,
+    decision_from_actions,
+    experts_in_use,
+    observation_vector,
+    reward,
+)
 from rldiff.sampler import Sampling, sample
 from rldiff.seeds import initial_noise
-from rldiff.solvers import EXPERT_NAMES, EXPERTS, expert_index
+from rldiff.solvers import EXPERT_NAMES
 
-K = len(EXPERTS)
-REWARD_CLIP = 2.0  # |log(rmse_base / rmse)| cap: a few outliers cannot dominate
-COST_SCALE = 50.0  # the cost feature is cost_per_nfe * 50 (1.0 at a cost of 0.02 per NFE)
-OBS_DIM = 8 + (K + 1) + 11 + 2
 ENV_DEFAULTS = {
     "model": "gmm",  # load_model spec: "gmm", "embedded" or a diffusers directory
     "batch_size": 32,  # samples per episode; one env step works on all of them
@@ -54,158 +57,6 @@ ENV_DEFAULTS = {
     "seed": 0,
     "device": None,  # None: cuda when this process sees a GPU, else cpu
 }
-
-
-@dataclass(frozen=True)
-class WarmStart:
-    """The base schedule the step action scales around: per-budget sigmas, or the logSNR split."""
-
-    schedules: dict[int, torch.Tensor] | None = None  # budget -> decreasing sigmas ending in 0
-    step_range: float = 1.5
-
-    @classmethod
-    def make(cls, schedules=None, step_range: float = 1.5) -> WarmStart:
-        """Accepts JSON-ish input (string budget keys, lists of sigmas)."""
-        if schedules is not None:
-            schedules = {
-                int(b): torch.as_tensor(s, dtype=torch.float64) for b, s in schedules.items()
-            }
-        return cls(schedules, float(step_range))
-
-    def sigma_next(self, obs: Observation) -> torch.Tensor:
-        """Each sample's base next sigma: 0 (a jump) once no NFE remains."""
-        remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
-        if self.schedules is None:  # the budget-aware logSNR split (AdaptivePolicy's floor)
-            span, h = budget_log_step(obs)
-            nxt = torch.where(span > 0, obs.sigma * torch.exp(-h), 0.0)
-        else:  # one base step further along the schedule than where the sample is now
-            nxt = torch.zeros_like(obs.sigma)
-            for b in obs.budget.unique().tolist():
-                if b not in self.schedules:
-                    raise KeyError(
-                        f"no base schedule for budget {b}: have {sorted(self.schedules)}"
-                    )
-                rows = obs.budget == b
-                nxt[rows] = one_step_along(self.schedules[b], obs.sigma[rows])
-        return torch.where(remaining > 0, nxt, torch.zeros_like(nxt))
-
-
-def one_step_along(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The sigma one step after each ``sigma``'s fractional position on the schedule ``table``
-    (decreasing, ending in 0), interpolating log sigma: a sample on a schedule point moves to the
-    next point exactly; one between points keeps its fraction, instead of taking a tiny step to the
-    next point below it. A sample between the last two points moves to the last one; one past the
-    last point jumps to 0."""
-    points = table[:-1]  # the interior points, all > 0
-    n = len(points)
-    log_p, log_s = points.log(), sigma.log()
-    i = ((points[None] >= sigma[:, None] * (1 - 1e-12)).sum(1) - 1).clamp(0, n - 1)
-    inside = i + 1 < n  # between points[i] and points[i + 1], not past the last one
-    gap = log_p[i] - log_p[(i + 1).clamp_max(n - 1)]
-    frac = torch.where(inside, ((log_p[i] - log_s) / gap.where(inside, 1.0)).clamp(0, 1), 1.0)
-    j = i + 1  # the target lies frac of the way from points[j] to points[j + 1]
-    on_point = (frac == 0) & (j < n)
-    between = (frac > 0) & (j + 1 < n)
-    lo, hi = log_p[j.clamp_max(n - 1)], log_p[(j + 1).clamp_max(n - 1)]
-    out = torch.where(between, torch.exp(lo - frac * (lo - hi)), torch.zeros_like(sigma))
-    last = (frac > 0) & (j + 1 == n) & inside  # not past the last point yet: stop on it
-    return torch.where(on_point | last, points[j.clamp_max(n - 1)], out)
-
-
-def experts_in_use(names=None) -> list[int]:
-    """Global expert indices of ``names`` (None: all, in ``EXPERTS`` order)."""
-    if names is None:
-        return list(range(K))
-    if isinstance(names, str):
-        names = [names]
-    out = [expert_index(n) for n in names]
-    if not out or len(set(out)) != len(out):
-        raise ValueError(f"experts must be distinct names, at least one: got {names!r}")
-    return out
-
-
-def decision_from_actions(obs: Observation, experts, actions, base: WarmStart) -> Decision:
-    """The sampler decision for expert choices ``experts`` [b] and expert actions ``[b, 2]``.
-
-    ``actions[:, 0]`` scales the base log-step: ``h = h_base * step_range ** a`` (``h_base`` is the
-    distance to sigma_min when the base jumps to 0); the sample jumps to 0 when the step passes
-    below both sigma_min and the base point, or no NFE remains, or it is at sigma_min already.
-    ``actions[:, 1]`` gives the noise amount ``eta = (a + 1) / 2`` of a stochastic expert (0 for the others). Zero actions reproduce
-    the base schedule exactly (``sigma_next = base * exp(-0)``).
-    """
-    experts = torch.as_tensor(np.asarray(experts), dtype=torch.long).reshape(-1)
-    a = torch.as_tensor(np.asarray(actions), dtype=torch.float64).reshape(-1, 2).clamp(-1, 1)
-    base_next = base.sigma_next(obs)
-    span = (obs.sigma / obs.sigma_min).log().clamp_min(0)
-    jump = base_next <= 0
-    h_base = torch.where(jump, span, (obs.sigma / base_next.clamp_min(1e-300)).log())
-    dh = h_base * torch.expm1(a[:, 0] * math.log(base.step_range))  # h - h_base
-    nxt = torch.where(jump, obs.sigma * torch.exp(-(h_base + dh)), base_next * torch.exp(-dh))
-    floor = base_next.clamp(max=obs.sigma_min)  # below this, the step is a jump to 0
-    finish = (obs.budget <= obs.nfe) | (jump & ((a[:, 0] >= 0) | (span <= 0))) | (nxt < floor)
-    stochastic = torch.tensor([e.stochastic for e in EXPERTS])[experts]
-    eta = torch.where(stochastic, (a[:, 1] + 1) / 2, torch.zeros_like(a[:, 1]))
-    return Decision(experts, torch.where(finish, torch.zeros_like(nxt), nxt), eta)
-
-
-class WarmStartPolicy:
-    """The base itself as a ``Policy``: one expert, zero actions (defines reward 0)."""
-
-    def __init__(self, expert: str, base: WarmStart):
-        self.expert, self.base, self.name = expert_index(expert), base, f"warm-start:{expert}"
-
-    def act(self, obs: Observation) -> Decision:
-        b = len(obs.index)
-        return decision_from_actions(obs, [self.expert] * b, np.zeros((b, 2)), self.base)
-
-
-def observation_vector(obs: Observation, base_next: torch.Tensor, cost_per_nfe) -> np.ndarray:
-    """Features ``[b, OBS_DIM]`` float32, the same for the router and the experts, in this order:
-
-    0 log sigma normalised to [0, 1] over [sigma_min, sigma_max] (the remaining log-range
-    fraction); 1 steps taken / 10;
-    2 NFE used (this step's evaluation included) / budget; 3 budget / 10;
-    4 the base step's log-range fraction: log(sigma / base next) / log(sigma_max / sigma_min)
-    (the remaining fraction when the base jumps to 0); 5 RMS change of the denoised estimate since
-    the last step; 6 RMS of the denoised estimate; 7 last log-step / log(sigma_max / sigma_min);
-    8..8+K last expert one-hot (slot K: none yet); next 11: class one-hot (slot 10: unconditional);
-    then guidance scale; then cost per NFE * COST_SCALE.
-    """
-    total = math.log(obs.sigma_max / obs.sigma_min)
-    span = (obs.sigma / obs.sigma_min).log().clamp(0, total)
-    step = torch.where(base_next > 0, (obs.sigma / base_next.clamp_min(1e-300)).log(), span)
-    b = len(obs.index)
-    last = torch.where(obs.last_expert < 0, K, obs.last_expert)
-    label = torch.where(obs.labels == UNCONDITIONAL, 10, obs.labels).cpu()
-    cols = [
-        span / total,
-        obs.step / 10,
-        obs.nfe / obs.budget,
-        obs.budget / 10,
-        step.clamp(0, total) / total,
-        obs.denoised_change.clamp_max(10),
-        obs.denoised_rms.clamp_max(10),
-        obs.last_h / total,
-    ]
-    out = torch.cat(
-        [
-            torch.stack([c.to(torch.float64).cpu() for c in cols], 1),
-            torch.nn.functional.one_hot(last.cpu(), K + 1),
-            torch.nn.functional.one_hot(label, 11),
-            obs.guidance.to(torch.float64).cpu()[:, None],
-            torch.as_tensor(cost_per_nfe, dtype=torch.float64).expand(b)[:, None] * COST_SCALE,
-        ],
-        1,
-    )
-    return out.numpy().astype(np.float32)
-
-
-def reward(rmse, rmse_base, nfe, cost_per_nfe) -> torch.Tensor:
-    """``clip(log(rmse_base / rmse), -2, 2) - cost_per_nfe * nfe`` per sample."""
-    gain = (
-        (rmse_base.clamp_min(1e-12) / rmse.clamp_min(1e-12)).log().clamp(-REWARD_CLIP, REWARD_CLIP)
-    )
-    return gain - torch.as_tensor(cost_per_nfe, dtype=torch.float64) * nfe
 
 
 def training_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
@@ -233,8 +84,8 @@ class RoutingEnv(MultiAgentEnv):
         self.denoiser = load_model(cfg["model"], cfg["device"] or visible_device())
         self.device = getattr(self.denoiser, "device", torch.device("cpu"))  # the GMM: cpu
         self.references = training_references(self.denoiser, cfg)
-        self.base = WarmStart.make(cfg["base_schedules"], cfg["step_range"])
-        self.base_policy = WarmStartPolicy(cfg["base_expert"], self.base)
+        self.base = BaseSchedule.make(cfg["base_schedules"], cfg["step_range"])
+        self.base_policy = BaseSchedulePolicy(cfg["base_expert"], self.base)
         self.experts = experts_in_use(cfg["experts"])  # router action j -> expert experts[j]
         self.routed = len(self.experts) > 1  # one expert: no router agents
         self._base_rmse: dict[tuple, float] = {}  # (seed, guidance, budget) -> base RMSE

@@ -4,7 +4,9 @@ Evaluation seeds (``EVAL_SEED_OFFSET + i``) never overlap the seeds used for opt
 training (``0 .. n_train - 1``). Each policy is scored against the reference solution from the same
 noise (mean / p90 RMSE), by Fréchet distance and confidence on the shipped digit classifier where
 it knows the data (``rldiff.metrics.distribution_metrics``; NaN otherwise), and by NFE and wall
-time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, sample grids.
+time. Output: ``results.parquet``, ``report.md``, ``pareto.png``, sample grids (written by
+``rldiff.report``, which only draws what is computed here; ``chosen_schedules`` samples what
+``schedules.png`` shows).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import torch
 
 from rldiff.bandit import BanditPolicy, train_bandit
 from rldiff.denoisers import Condition
-from rldiff.env import WarmStart
 from rldiff.fingerprint import model_fingerprint
 from rldiff.global_schedule import SearchConfig, optimise_schedule
 from rldiff.metrics import AUTO, distribution_metrics, metric_network_id, rmse_per_sample
@@ -30,6 +31,7 @@ from rldiff.models import EMBEDDED, load_model, visible_device
 from rldiff.parallel import parallel_map, use_tasks
 from rldiff.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
 from rldiff.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, seed_bank
+from rldiff.routing import BaseSchedule
 from rldiff.sampler import sample
 from rldiff.schedules import SCHEDULES
 from rldiff.seeds import initial_noise
@@ -40,6 +42,7 @@ EVAL_SEED_OFFSET = 1_000_000
 BUDGETS = (3, 4, 5, 6, 8, 10)
 GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun")  # deterministic: RMSE to the ODE is fair
 GRID_SAMPLES = 20  # samples kept per policy for the grids: two of each class
+SCHEDULE_SAMPLES = 30  # held-out samples per budget in ``chosen_schedules``
 CACHED_FAMILIES = ("hand-built", "global", "adaptive", "model")  # deterministic given the seeds
 
 
@@ -165,14 +168,14 @@ def policy_specs(cfg: EvaluateConfig, schedules: dict) -> list[PolicySpec]:
 
 def train_bandit_specs(cfg, denoiser, train: SeedSet, schedules: dict) -> list[PolicySpec]:
     """Trains the epsilon-greedy bandit router on the TRAINING seeds (never the evaluation ones),
-    warm-started on the global UniPC schedules when those were searched; saves it to
+    stepping around the global UniPC schedules when those were searched; saves it to
     ``bandit.json`` and returns one spec per budget (none when ``bandit_rounds`` is 0)."""
     if cfg.bandit_rounds <= 0:
         return []
     if "unipc" in cfg.global_solvers:
-        base = WarmStart.make({b: schedules[("unipc", b)] for b in cfg.budgets})
+        base = BaseSchedule.make({b: schedules[("unipc", b)] for b in cfg.budgets})
     else:
-        base = WarmStart()
+        base = BaseSchedule()
     start = time.perf_counter()
     bandit = train_bandit(
         denoiser,
@@ -346,6 +349,33 @@ def expert_usage(result) -> dict[str, float]:
 def _first_schedule(result) -> list[float]:
     steps = result.schedule(0)
     return [steps[0]["sigma"]] + [s["sigma_next"] for s in steps] if steps else []
+
+
+@dataclass
+class ChosenSchedules:
+    """The schedules a policy chose for the first held-out samples, per budget."""
+
+    policy: str
+    experts: tuple[int, ...]  # the policy's experts (indices into EXPERT_NAMES)
+    steps: dict[int, list[list[tuple[float, int]]]]  # budget -> sample -> (sigma, expert) per step
+    mean_nfe: dict[int, float]  # budget -> mean NFE of those samples
+
+
+def chosen_schedules(
+    policy, cfg: EvaluateConfig, denoiser, n: int = SCHEDULE_SAMPLES
+) -> ChosenSchedules:
+    """``policy`` sampled on the first ``n`` held-out seeds of ``cfg`` at each of its budgets:
+    sigma at each step's start (the final jump to sigma = 0 left out) and the expert taking it."""
+    held_out = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
+    n = min(n, len(held_out.seeds))
+    steps, mean_nfe = {}, {}
+    for budget in cfg.budgets:
+        run = sample(
+            denoiser, policy, held_out.noise[:n], held_out.cond[:n], budget, held_out.seeds[:n]
+        )
+        steps[budget] = [[(s["sigma"], s["expert"]) for s in run.schedule(i)] for i in range(n)]
+        mean_nfe[budget] = float(run.nfe.float().mean())
+    return ChosenSchedules(policy.name, tuple(policy.experts), steps, mean_nfe)
 
 
 def add_arguments(parser) -> None:

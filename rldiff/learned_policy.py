@@ -1,66 +1,70 @@
-"""The trained router + experts as a ``Policy``, outside RLlib: no Algorithm, no Ray, no env.
+"""The trained router + experts as a ``Policy``, outside RLlib: no Algorithm, no Ray, no pickle.
 
-A policy directory (written by ``export_policy``) holds ``modules/<module_id>/`` (RLlib's own
-module checkpoint, loaded with ``RLModule.from_checkpoint``) and ``policy.json`` with everything
-else needed to act: the experts in router order, the observation layout, the warm start (base
-schedule per budget and step range), the cost per NFE the policy observes, the model it was trained
-on and a training summary. Inference is deterministic: the router's argmax, the Gaussian's mean.
+A policy directory (written by ``write_policy``; ``rldiff.policy_export`` converts RLlib
+checkpoints into one) holds ``<module_id>.safetensors`` per module and ``policy.json`` with
+everything else needed to act: each module's architecture and action bounds (``modules``, see
+``rldiff.policy_net.NetSpec``), the experts in router order, the observation layout, the base
+schedule (per budget, and the step range), the cost per NFE the policy observes, the model it was
+trained on and a training summary. Inference is deterministic: the router's argmax, the Gaussian's
+mean.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rldiff.env import OBS_DIM, WarmStart, decision_from_actions, observation_vector
 from rldiff.policies import Decision, Observation
+from rldiff.policy_net import NetSpec, PolicyNet
+from rldiff.routing import (
+    OBS_DIM,
+    OBS_LAYOUT_VERSION,
+    BaseSchedule,
+    decision_from_actions,
+    observation_vector,
+)
 from rldiff.solvers import EXPERT_NAMES, expert_index
 
-FORMAT_VERSION = 1
-# Bump when rldiff.env.observation_vector changes meaning: a policy trained on another layout
-# would act on the wrong features without any error.
-OBS_LAYOUT_VERSION = 1
+FORMAT_VERSION = 2  # 1: RLlib module checkpoints (pickle), no longer loaded
 ROUTER = "router"  # the module ids of rldiff.algo, repeated here so loading needs no RLlib config
-MODULES_IN_CHECKPOINT = ("learner_group", "learner", "rl_module")
 
 
 class LearnedPolicy:
-    """Router (``Discrete(len(experts))``) + one Box module per expert; ``act`` is batched."""
+    """Router (``len(experts)`` logits) + one Gaussian network per expert; ``act`` is batched."""
 
-    def __init__(self, spec: dict, modules: dict, name: str = "moe", cost_per_nfe=None):
+    def __init__(self, spec: dict, nets: dict, name: str = "moe", cost_per_nfe=None):
         self.spec, self.name = spec, name
         self.experts = [e["index"] for e in spec["experts"]]  # router action j -> global index
-        self.router = modules.get(spec["router"]) if spec["router"] else None
-        self.expert_modules = {e["index"]: modules[e["module"]] for e in spec["experts"]}
-        warm = spec["warm_start"]
-        self.base = WarmStart.make(warm["schedules"], warm["step_range"])
+        self.router = nets.get(spec["router"]) if spec["router"] else None
+        self.expert_modules = {e["index"]: nets[e["module"]] for e in spec["experts"]}
+        base = spec["base_schedule"]
+        self.base = BaseSchedule.make(base["schedules"], base["step_range"])
         self.cost_per_nfe = float(spec["cost_per_nfe"] if cost_per_nfe is None else cost_per_nfe)
 
     @classmethod
     def load(cls, directory, name: str = "moe", cost_per_nfe: float | None = None) -> LearnedPolicy:
-        """Reads ``policy.json`` and the modules under ``directory`` (``cost_per_nfe`` overrides
+        """Reads ``policy.json`` and the weights under ``directory`` (``cost_per_nfe`` overrides
         the trade-off the policy observes; it must lie in the range it was trained on)."""
-        from ray.rllib.core.rl_module.rl_module import RLModule
-
-        directory = Path(directory).resolve()  # RLModule.from_checkpoint fails on relative paths
+        directory = Path(directory)
         path = directory / "policy.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: not an exported policy directory")
         spec = json.loads(path.read_text())
-        _check_compatible(spec, path)
-        ids = [e["module"] for e in spec["experts"]] + ([spec["router"]] if spec["router"] else [])
-        modules = {m: RLModule.from_checkpoint(str(directory / "modules" / m)) for m in ids}
-        for module in modules.values():
-            module.eval()
-        return cls(spec, modules, name=name, cost_per_nfe=cost_per_nfe)
+        _check_compatible(spec, directory)
+        nets = {
+            m: PolicyNet.load(
+                NetSpec.from_json(entry), directory / entry["weights"], entry["sha256"]
+            )
+            for m, entry in spec["modules"].items()
+        }
+        return cls(spec, nets, name=name, cost_per_nfe=cost_per_nfe)
 
     def observe(self, obs: Observation) -> torch.Tensor:
-        """The modules' input ``[b, OBS_DIM]``: the env's features at this policy's trade-off."""
+        """The networks' input ``[b, OBS_DIM]``: the env's features at this policy's trade-off."""
         vec = observation_vector(obs, self.base.sigma_next(obs), self.cost_per_nfe)
         return torch.from_numpy(vec)
 
@@ -71,7 +75,7 @@ class LearnedPolicy:
             if self.router is None:  # one expert: no routing decision to make
                 choice, confidence = torch.zeros(b, dtype=torch.long), torch.ones(b)
             else:
-                probs = torch.softmax(_dist_inputs(self.router, x).double(), dim=1)
+                probs = torch.softmax(self.router(x).double(), dim=1)
                 confidence, choice = probs.max(dim=1)
             experts = torch.tensor(self.experts, dtype=torch.long)[choice]
             actions = torch.zeros(b, 2, dtype=torch.float64)
@@ -83,29 +87,42 @@ class LearnedPolicy:
         return decision
 
 
-def expert_mean(module, x: torch.Tensor) -> torch.Tensor:
+def expert_mean(net: PolicyNet, x: torch.Tensor) -> torch.Tensor:
     """The expert's deterministic action: the Gaussian's mean (first half of its outputs), mapped
     from the normalised [-1, 1] range to the action bounds and clipped, as RLlib's env runner does
     (``unsquash_action``) before the env sees an action."""
-    out = _dist_inputs(module, x)
+    out = net(x)
     mean = out[:, : out.shape[1] // 2]
-    low = torch.as_tensor(module.action_space.low, dtype=mean.dtype)
-    high = torch.as_tensor(module.action_space.high, dtype=mean.dtype)
+    low = torch.as_tensor(net.spec.action_low, dtype=mean.dtype)
+    high = torch.as_tensor(net.spec.action_high, dtype=mean.dtype)
     return torch.minimum(torch.maximum(low + (mean + 1) * (high - low) / 2, low), high)
 
 
-def router_choice(module, x: torch.Tensor) -> torch.Tensor:
-    """The router's deterministic choice (its logits' argmax), as ``LearnedPolicy`` makes it."""
-    return _dist_inputs(module, x).argmax(dim=1)
+def write_policy(out_dir, nets: dict[str, PolicyNet], spec: dict) -> Path:
+    """Writes a policy directory: ``nets`` (module id -> network) as safetensors and ``spec``
+    (``router``, ``experts``, ``base_schedule``, ``base_expert``, ``cost_per_nfe``, ``budgets``,
+    ``model``, ``training``) completed with the format, the observation layout and ``modules`` as
+    ``policy.json``. Replaces ``out_dir`` whole (written beside it first); returns it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    modules = {}
+    for m, net in nets.items():
+        sha256 = net.save(tmp / f"{m}.safetensors")
+        modules[m] = {"weights": f"{m}.safetensors", "sha256": sha256, **net.spec.to_json()}
+    head = {"format": FORMAT_VERSION, "obs_layout": OBS_LAYOUT_VERSION, "obs_dim": OBS_DIM}
+    full = {**head, **spec, "modules": modules}
+    _check_compatible(full, tmp)
+    (tmp / "policy.json").write_text(json.dumps(full, indent=2, default=_json_default))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
 
 
-def _dist_inputs(module, x: torch.Tensor) -> torch.Tensor:
-    from ray.rllib.core.columns import Columns
-
-    return module.forward_inference({Columns.OBS: x})[Columns.ACTION_DIST_INPUTS]
-
-
-def _check_compatible(spec: dict, path: Path) -> None:
+def _check_compatible(spec: dict, directory: Path) -> None:
+    if spec.get("format") == 1:
+        raise ValueError(_old_format_message(spec, directory))
     problems = []
     if spec.get("format") != FORMAT_VERSION:
         problems.append(f"format {spec.get('format')} (this code reads {FORMAT_VERSION})")
@@ -117,69 +134,26 @@ def _check_compatible(spec: dict, path: Path) -> None:
     for e in spec.get("experts", []):
         if e["name"] not in EXPERT_NAMES or expert_index(e["name"]) != e["index"]:
             problems.append(f"expert {e['name']!r} is not solver #{e['index']} here")
-    if problems:
-        raise ValueError(f"policy {path} does not fit this rldiff: {'; '.join(problems)}")
-
-
-def export_policy(
-    checkpoint_dir, out_dir, train_cfg, base_schedules, summary: dict | None = None
-) -> Path:
-    """Writes a self-contained policy directory from an Algorithm checkpoint; returns ``out_dir``.
-
-    ``train_cfg`` is the ``TrainConfig`` the checkpoint was trained with, ``base_schedules`` the
-    warm start's ``{budget: sigmas}`` (None: the logSNR split), ``summary`` any training figures
-    worth keeping beside the policy (final metrics, iteration, wall time).
-    """
-    from rldiff.algo import module_ids
-    from rldiff.fingerprint import model_fingerprint
-    from rldiff.models import load_model
-
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    env_config = train_cfg.env_config()
-    ids = module_ids(env_config.get("experts"))
-    source = checkpoint_dir.joinpath(*MODULES_IN_CHECKPOINT)
-    missing = [m for m in ids if not (source / m).is_dir()]
+    used = [e["module"] for e in spec.get("experts", [])] + [spec.get("router")]
+    missing = [m for m in used if m is not None and m not in spec.get("modules", {})]
     if missing:
-        raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no module(s) {missing}")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for m in ids:
-        shutil.copytree(source / m, tmp / "modules" / m)
-    experts = [m for m in ids if m != ROUTER]
-    cost = train_cfg.cost_per_nfe
-    spec = {
-        "format": FORMAT_VERSION,
-        "obs_layout": OBS_LAYOUT_VERSION,
-        "obs_dim": OBS_DIM,
-        "router": ROUTER if ROUTER in ids else None,
-        "experts": [  # in router order: router action j picks experts[j]
-            {"name": EXPERT_NAMES[int(m.split("_")[1])], "index": int(m.split("_")[1]), "module": m}
-            for m in experts
-        ],
-        "warm_start": {
-            "schedules": None
-            if base_schedules is None
-            else {str(b): [float(s) for s in sigmas] for b, sigmas in base_schedules.items()},
-            "step_range": float(train_cfg.step_range),
-        },
-        "base_expert": train_cfg.base_expert,
-        # The trade-off observed at inference: the training cost, or the lowest one trained on.
-        "cost_per_nfe": float(min(cost) if isinstance(cost, tuple | list) else cost),
-        "budgets": sorted(int(b) for b in train_cfg.budgets),
-        "model": {
-            "spec": train_cfg.model,
-            "fingerprint": model_fingerprint(load_model(train_cfg.model)),
-        },
-        "training": {
-            "checkpoint": str(checkpoint_dir.resolve()),
-            "config": json.loads(json.dumps(asdict(train_cfg), default=str)),
-            **(summary or {}),
-        },
-    }
-    (tmp / "policy.json").write_text(json.dumps(spec, indent=2, default=_json_default))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+        problems.append(f"no network for module(s) {missing}")
+    for m, entry in spec.get("modules", {}).items():
+        if entry.get("obs_dim") != OBS_DIM:
+            problems.append(f"module {m} reads {entry.get('obs_dim')} features, not {OBS_DIM}")
+    if problems:
+        raise ValueError(f"policy {directory} does not fit this rldiff: {'; '.join(problems)}")
+
+
+def _old_format_message(spec: dict, directory: Path) -> str:
+    iteration = spec.get("training", {}).get("iteration", "N")
+    return (
+        f"policy {directory} holds RLlib module checkpoints (policy format 1), which this rldiff "
+        "no longer loads: policies are now safetensors + policy.json. Convert it in place with "
+        f"`python -m rldiff.policy_export {directory}` (needs Ray RLlib installed), or re-export "
+        f"it from its training run's checkpoints with `rldiff train --out RUN --resume "
+        f"--iterations {iteration} --no-evaluate` (RUN: the run's --out directory)."
+    )
 
 
 def _json_default(value):

@@ -3,8 +3,9 @@
 Contract:
 
 - ``rmse_per_sample(x, ref)`` is the RMS difference over all pixels of each sample, on the [-1, 1]
-  pixel scale, as float64 ``[B]``; ``summarize_rmse`` reduces it to its mean and 90th percentile.
-- ``frechet_distance(a, b)`` is the Fréchet distance between Gaussians fitted to two feature sets
+  pixel scale, as float64 ``[B]``.
+- ``frechet_distance_stats(a, b)`` is the Fréchet distance between Gaussians fitted to two feature
+  sets
   (Heusel et al., 2017): ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, in
   float64 through symmetric eigendecompositions only (no scipy at run time). It is exactly 0 for
   identical sets and symmetric up to rounding.
@@ -41,14 +42,6 @@ def rmse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return diff.flatten(1).pow(2).mean(1).sqrt().cpu()
 
 
-def summarize_rmse(rmse: torch.Tensor) -> dict[str, float]:
-    """``{"rmse_mean", "rmse_p90"}`` of per-sample RMSEs (p90 linearly interpolated)."""
-    rmse = torch.as_tensor(rmse, dtype=torch.float64).reshape(-1)
-    if rmse.numel() == 0:
-        raise ValueError("no RMSE values to summarize")
-    return {"rmse_mean": float(rmse.mean()), "rmse_p90": float(torch.quantile(rmse, 0.9))}
-
-
 @dataclass(frozen=True)
 class FeatureStats:
     """Mean ``[d]`` and unbiased covariance ``[d, d]`` (float64) of ``count`` feature vectors."""
@@ -83,11 +76,6 @@ def frechet_distance_stats(a: FeatureStats, b: FeatureStats) -> float:
     eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
     trace_term = float(torch.trace(a.cov) + torch.trace(b.cov) - 2 * eig.sqrt().sum())
     return max(0.0, mean_term + trace_term)  # >= 0 in exact arithmetic
-
-
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``[N_a, d]`` and ``[N_b, d]``."""
-    return frechet_distance_stats(feature_stats(feats_a), feature_stats(feats_b))
 
 
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Writes the evaluation outputs people read: ``report.md``, ``pareto.png`` and sample grids.
+"""Writes the evaluation outputs people read: ``report.md``, ``pareto.png``, sample grids and
+``schedules.png``, from what ``rldiff.evaluate`` computed (nothing here samples or scores).
 
 Where no metric network knows the model's data (``floor`` is None, FD and confidence are NaN), the
 report says so and shows "n/a", and the Pareto plot has no FD panel.
@@ -18,7 +19,6 @@ import torch  # noqa: E402
 
 FAMILY_ORDER = ("hand-built", "global", "adaptive")
 LEARNED_FAMILIES = ("learned", "bandit")
-SCHEDULE_SAMPLES = 30  # held-out samples per budget panel in schedules.png
 
 
 def best_per_budget(rows: list[dict], family: str) -> dict[int, dict]:
@@ -225,47 +225,35 @@ def _grid(path: Path, budget: int, reference, picks, grids) -> None:
     plt.close(fig)
 
 
-def plot_schedules(policy, ev, denoiser, path: Path) -> None:
-    """Sigma per step (log axis) of ~30 held-out samples per budget, points coloured by expert
-    (``ev``: the ``EvaluateConfig`` whose held-out seeds to use)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_schedules(chosen, path: Path) -> None:
+    """Sigma per step (log axis) of each sample of ``chosen`` (``rldiff.evaluate.ChosenSchedules``)
+    per budget, points coloured by expert."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    from rldiff.evaluate import EVAL_SEED_OFFSET, seed_set
-    from rldiff.sampler import sample
     from rldiff.solvers import EXPERT_NAMES
 
-    held_out = seed_set(ev, denoiser, EVAL_SEED_OFFSET, ev.n_samples, "eval")
-    n, colours = min(SCHEDULE_SAMPLES, len(held_out.seeds)), plt.get_cmap("tab10")
+    budgets = list(chosen.steps)
+    n, colours = len(chosen.steps[budgets[0]]), plt.get_cmap("tab10")
     fig, axes = plt.subplots(
-        1, len(ev.budgets), figsize=(3 * len(ev.budgets), 3.4), sharey=True, squeeze=False
+        1, len(budgets), figsize=(3 * len(budgets), 3.4), sharey=True, squeeze=False
     )
-    for ax, budget in zip(axes[0], ev.budgets, strict=True):
-        run = sample(
-            denoiser, policy, held_out.noise[:n], held_out.cond[:n], budget, held_out.seeds[:n]
-        )
-        for i in range(n):
-            steps = run.schedule(i)  # the final jump to sigma = 0 is off the log axis
-            sigma = [s["sigma"] for s in steps]
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        for steps in chosen.steps[budget]:
+            sigma = [s for s, _ in steps]  # the final jump to sigma = 0 is off the log axis
             ax.plot(range(len(sigma)), sigma, color="0.8", lw=0.6, zorder=1)
-            ax.scatter(
-                range(len(sigma)), sigma, s=12, c=[colours(s["expert"]) for s in steps], zorder=2
-            )
+            ax.scatter(range(len(sigma)), sigma, s=12, c=[colours(k) for _, k in steps], zorder=2)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
-        ax.set_title(f"{budget} NFE (mean {run.nfe.float().mean():.2f})", fontsize=9)
+        ax.set_title(f"{budget} NFE (mean {chosen.mean_nfe[budget]:.2f})", fontsize=9)
     axes[0, 0].set_ylabel("sigma at the step's start")
     handles = [
         Line2D([], [], marker="o", ls="", color=colours(k), label=EXPERT_NAMES[k])
-        for k in policy.experts
+        for k in chosen.experts
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"Schedules chosen by `{policy.name}` on {n} held-out samples", fontsize=10)
+    fig.suptitle(f"Schedules chosen by `{chosen.policy}` on {n} held-out samples", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -43,21 +43,6 @@ def logsnr_uniform(n: int, noise: DiscreteVP) -> torch.Tensor:
     return _append_zero(log_sigma[:-1].exp())
 
 
-def explicit(sigmas) -> torch.Tensor:
-    """A given list of sigmas: strictly decreasing, positive, ending in 0."""
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
-    if (
-        len(sigmas) < 2
-        or sigmas[-1] != 0
-        or not (sigmas[:-1] > 0).all()
-        or not torch.isfinite(sigmas).all()
-    ):
-        raise ValueError("a schedule is >= 2 finite sigmas, all positive except a final 0")
-    if (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError(f"sigmas must decrease strictly: {sigmas.tolist()}")
-    return sigmas
-
-
 SCHEDULES: dict[str, Callable[[int, DiscreteVP], torch.Tensor]] = {
     "karras": karras,
     "time-uniform": time_uniform,

@@ -145,17 +145,16 @@ class Expert:
 
     name: str
     step: Callable
-    order: int  # convergence order on the ODE
     extra_nfe: int = 0  # evaluations beyond the shared one, when sigma_next > 0
     stochastic: bool = False  # takes a noise amount eta and fresh noise
 
 
 EXPERTS: tuple[Expert, ...] = (
-    Expert("euler", euler, order=1),
-    Expert("dpmpp-2m", dpmpp_2m, order=2),
-    Expert("unipc", unipc, order=3),
-    Expert("heun", heun, order=2, extra_nfe=1),
-    Expert("euler-ancestral", euler_ancestral, order=1, stochastic=True),
+    Expert("euler", euler),
+    Expert("dpmpp-2m", dpmpp_2m),
+    Expert("unipc", unipc),
+    Expert("heun", heun, extra_nfe=1),
+    Expert("euler-ancestral", euler_ancestral, stochastic=True),
 )
 EXPERT_NAMES: tuple[str, ...] = tuple(e.name for e in EXPERTS)
 

@@ -1,13 +1,14 @@
 """The training driver: multi-agent PPO on the router + experts, then export and evaluation.
 
 ``run_training`` prepares what every env runner needs on the driver (the base expert's optimised
-global schedule per budget as the warm start, the cached reference bank of the training seeds),
-builds the algorithm with ``rldiff.algo.build_config`` (the one RLlib config builder), points a
-fresh run's router at the base expert and narrows the experts' initial spread
-(``rldiff.algo.warm_start``; not on resume), trains with
-one progress line per iteration, TensorBoard event files and periodic checkpoints, resumes from the
-newest checkpoint when asked, exports the policy (``rldiff.learned_policy``) and scores it with the
-evaluation protocol beside every baseline. Output layout under ``out``::
+global schedule per budget as the base schedule, the cached reference bank of the training seeds),
+trains with ``rldiff.loop`` (the algorithm from ``rldiff.algo.build_config``, the one RLlib config
+builder, whose modules start with the router on the base expert and the experts' spread narrowed,
+a resumed run's with its checkpoint's weights; one progress line per iteration, ``charts/*`` and
+``losses/<module>/*`` in ``progress.jsonl`` and TensorBoard, periodic checkpoints), resumes from
+the newest checkpoint when asked, exports the policy (``rldiff.policy_export``) and scores it
+with the evaluation protocol beside every baseline.
+Output layout under ``out``::
 
     train_config.json  progress.jsonl  tensorboard/  checkpoints/iter_XXXX/  policy/
     evaluation/{results.parquet, report.md, pareto.png, schedules.png, ...}
@@ -17,26 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
-from rldiff.algo import TrainConfig, build_config, module_ids, warm_start
+from rldiff.algo import TrainConfig, module_ids, warm_start_note
 from rldiff.env import training_references
-from rldiff.evaluate import EvaluateConfig, PolicySpec, seed_set
-from rldiff.learned_policy import LearnedPolicy, export_policy
+from rldiff.evaluate import EvaluateConfig, PolicySpec, chosen_schedules, seed_set
+from rldiff.learned_policy import LearnedPolicy
+from rldiff.loop import (
+    SECONDS,
+    RunLog,
+    iterations,
+    latest_checkpoint,
+    save_checkpoint,
+    start_algorithm,
+)
 from rldiff.models import EMBEDDED, load_model, visible_device
+from rldiff.policy_export import export_policy
 from rldiff.report import plot_schedules
 from rldiff.shipped_cache import seed_cache
-from rldiff.solvers import EXPERT_NAMES
 
-CHECKPOINT = re.compile(r"^iter_(\d{4,})$")
-LOSSES = ("policy_loss", "vf_loss", "entropy", "mean_kl_loss", "vf_explained_var", "total_loss")
 LEARNED_NAME = "moe"  # the router + experts policy
 SINGLE_NAME = "ppo-single"  # the ablation: one expert, step size only
 
@@ -107,7 +110,7 @@ def prepare_training(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> TrainCon
 
 
 def single_expert_config(cfg: TrainConfig) -> TrainConfig:
-    """The ``ppo-single`` ablation of ``cfg``: the base expert alone (no router), same warm start,
+    """The ``ppo-single`` ablation of ``cfg``: the base expert alone (no router), same base schedule,
     budgets and reward. Its env step is one sampler step, where ``cfg``'s is half of one (a router
     turn, then an expert turn), so half the env steps per iteration give both the same denoiser
     work per iteration."""
@@ -150,7 +153,7 @@ def evaluation_config(
 
 
 def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> dict[int, list[float]]:
-    """The base expert's optimised global schedule per training budget (the warm start), from the
+    """The base expert's optimised global schedule per training budget (the base schedule), from the
     evaluation protocol's cache (computed there and then on first use: minutes on the UNet)."""
     from rldiff.evaluate import optimise_global_schedules
     from rldiff.parallel import use_tasks
@@ -161,48 +164,28 @@ def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> dict[int, 
     return {b: found[(cfg.base_expert, b)].tolist() for b in search.budgets}
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The ``iter_XXXX`` checkpoint with the highest iteration (partial ``.tmp`` ones ignored)."""
-    found = [
-        (int(m.group(1)), p)
-        for p in (directory.iterdir() if directory.is_dir() else [])
-        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
-    ]
-    return max(found)[1] if found else None
-
-
 def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
-    """The iteration loop; returns the last iteration's summary and its checkpoint."""
-    from ray.rllib.algorithms.algorithm import Algorithm
-    from tensorboardX import SummaryWriter
-
+    """Trains to ``cfg.iterations`` (``rldiff.loop``); returns the last iteration's summary and
+    its checkpoint."""
+    algo = start_algorithm(cfg, checkpoint)
     if checkpoint is None:
-        algo = build_config(cfg).build_algo()
-        warm = warm_start(algo, cfg)  # fresh runs only: a checkpoint has its own modules
-        if warm:
-            print("router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in warm.items()))
-        _truncate_progress(out / "progress.jsonl", 0)
+        if note := warm_start_note(cfg):
+            print(note)
     else:
-        algo = Algorithm.from_checkpoint(str(checkpoint.resolve()))  # a relative path fails
         print(f"resumed from {checkpoint} at iteration {algo.iteration}")
-        _truncate_progress(out / "progress.jsonl", algo.iteration)
-    modules = module_ids(cfg.env_config().get("experts"))
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=algo.iteration + 1)
+    log = RunLog(out, algo.iteration)
     saved, seconds, row, ran = checkpoint, [], {}, []
     try:
-        while algo.iteration < cfg.iterations:
-            start = time.perf_counter()
-            result = algo.train()
-            seconds.append(time.perf_counter() - start)
-            row = iteration_row(result, modules, seconds[-1])
+        for row, due in iterations(algo, cfg):
+            seconds.append(row[SECONDS])
             ran.append(row["iteration"])
-            _log(row, writer, out / "progress.jsonl")
-            if row["iteration"] % cfg.checkpoint_every == 0 or algo.iteration >= cfg.iterations:
-                saved = _save(algo, out / "checkpoints")
+            log(row)
+            if due:
+                saved = save_checkpoint(algo, out / "checkpoints")
         if saved is None:  # iterations=0 on a fresh run: export the untrained policy
-            saved = _save(algo, out / "checkpoints")
+            saved = save_checkpoint(algo, out / "checkpoints")
     finally:
-        writer.close()
+        log.close()
         algo.stop()
     return {
         "iteration": algo.iteration,
@@ -211,74 +194,6 @@ def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
         "seconds_per_iteration": sum(seconds) / len(seconds) if seconds else None,
         "final": row,
     }
-
-
-def iteration_row(result: dict, modules, seconds: float) -> dict:
-    """The figures worth keeping from RLlib's result dict, flat and JSON-able."""
-    runners = result.get("env_runners", {})
-    custom = _flatten(runners.get("rldiff", {}))
-    row = {
-        "iteration": int(result["training_iteration"]),
-        "env_steps": int(runners.get("num_env_steps_sampled_lifetime", 0)),
-        "seconds": seconds,
-        **{f"rldiff/{k}": float(v) for k, v in custom.items()},
-    }
-    if custom.get("rmse_base_mean"):
-        row["rldiff/rmse_vs_base"] = custom.get("rmse_mean", math.nan) / custom["rmse_base_mean"]
-    timers = result.get("timers", {})
-    for key, name in (("env_runner_sampling_timer", "sample"), ("learner_update_timer", "learn")):
-        if key in timers:  # RLlib's smoothed timers: where an iteration's time goes
-            row[f"charts/{name}_seconds"] = float(timers[key])
-    returns = runners.get("module_episode_returns_mean", {})
-    for m in modules:
-        learner = result.get("learners", {}).get(m, {})
-        row.update({f"losses/{m}/{k}": float(learner[k]) for k in LOSSES if k in learner})
-        if m in returns:
-            row[f"charts/module_return/{m}"] = float(returns[m])
-    return row
-
-
-def _log(row: dict, writer, progress: Path) -> None:
-    """One progress line, TensorBoard scalars and a ``progress.jsonl`` row per iteration."""
-    step = row["iteration"]
-    tags = {k.replace("rldiff/expert_usage/", "charts/expert_usage/"): v for k, v in row.items()}
-    tags.update(
-        {"charts/env_steps": row["env_steps"], "charts/seconds_per_iteration": row["seconds"]}
-    )
-    for tag, value in tags.items():
-        if "/" in tag and math.isfinite(value):
-            writer.add_scalar(tag, value, step)
-    writer.flush()
-    with progress.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    usage = " ".join(
-        f"{n} {row[k]:.2f}" for n in EXPERT_NAMES if (k := f"rldiff/expert_usage/{n}") in row
-    )
-    print(
-        f"iter {step:4d} | env steps {row['env_steps']:7d} | "
-        f"reward {row.get('rldiff/reward_mean', math.nan):+.3f} | "
-        f"rmse/base {row.get('rldiff/rmse_vs_base', math.nan):.3f} | "
-        f"nfe {row.get('rldiff/nfe_mean', math.nan):.2f} | usage {usage or '-'} | "
-        f"H(router) {_entropy_text(row)} | {row['seconds']:.1f} s",
-        flush=True,
-    )
-
-
-def _entropy_text(row: dict) -> str:
-    entropy = row.get("rldiff/router_entropy")
-    return "-" if entropy is None else f"{entropy:.3f}"  # "-": no router (one expert)
-
-
-def _save(algo, directory: Path) -> Path:
-    """``algo.save`` into ``iter_XXXX`` via a temporary name: a kill mid-save leaves no partial
-    checkpoint that ``latest_checkpoint`` would pick."""
-    path = directory / f"iter_{algo.iteration:04d}"
-    tmp = directory / f"{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save(str(tmp.resolve()))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
 
 
 def evaluate_policies(ev: EvaluateConfig, policies: dict[str, str], denoiser) -> list[dict]:
@@ -294,7 +209,7 @@ def evaluate_policies(ev: EvaluateConfig, policies: dict[str, str], denoiser) ->
     ]
     rows = run_evaluation(ev, extra_specs=extra)
     policy = LearnedPolicy.load(paths[LEARNED_NAME], name=LEARNED_NAME)
-    plot_schedules(policy, ev, denoiser, ev.out / "schedules.png")  # rldiff.report
+    plot_schedules(chosen_schedules(policy, ev, denoiser), ev.out / "schedules.png")
     return [r for r in rows if r["family"] == "learned"]
 
 
@@ -341,23 +256,3 @@ def config_from_json(data: dict) -> TrainConfig:
     if data.get("base_schedules") is not None:
         data["base_schedules"] = {int(b): s for b, s in data["base_schedules"].items()}
     return TrainConfig(**data)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _read_progress(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _truncate_progress(path: Path, iteration: int) -> None:
-    """Drops rows past the checkpoint being resumed (iterations that will run again)."""
-    rows = [r for r in _read_progress(path) if r["iteration"] <= iteration]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

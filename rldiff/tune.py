@@ -1,18 +1,19 @@
 """A Ray Tune search over the training configuration, then a winner picked on held-out seeds.
 
 Each trial is one training run: a Tune function trainable (``train_trial``) turns the trial's
-parameters into a ``TrainConfig`` (``trial_config``), builds the algorithm with
-``rldiff.algo.build_config`` (the one RLlib config builder), warm-starts the router on a fresh
-start, and reports namespaced metrics (``rldiff/*``, ``charts/*``, ``losses/<module>/*``) with a
-checkpoint to Tune every ``checkpoint_every`` iterations. When Tune restarts a trial (a failure
-within ``max_failures``, or a resumed search) it continues from ``tune.get_checkpoint()``.
+parameters into a ``TrainConfig`` (``rldiff.search_space.trial_config``) and trains it with
+``rldiff.loop``, the training loop of ``rldiff train`` (the algorithm from
+``rldiff.algo.build_config``, whose modules start warm), reporting its metrics (``charts/*``,
+``losses/<module>/*``) with a checkpoint to Tune every ``checkpoint_every`` iterations. When Tune
+restarts a trial (a failure within ``max_failures``, or a resumed search) it continues from
+``tune.get_checkpoint()``.
 
 What is shared by every trial is prepared once on the driver before the search by
 ``rldiff.train.prepare_training``, as for ``rldiff train``: the shipped precomputed inputs of the
-embedded model, the base expert's optimised global schedule per budget (the warm start) and the
+embedded model, the base expert's optimised global schedule per budget (the base schedule) and the
 training reference bank (cached on disk for the trials to read).
 
-Early stopping: ASHA on ``rldiff/rmse_vs_base`` (training-seed RMSE over the base schedule's,
+Early stopping: ASHA on ``charts/rmse_vs_base`` (training-seed RMSE over the base schedule's,
 lower is better). Concurrency: as many trials as the cluster's CPUs (and GPUs) hold, each trial
 taking 1 CPU plus 1 per env runner. After the search, ``rldiff.tune_report`` exports every
 finished trial, scores it on held-out seeds and exports the winner. Output layout under ``out``::
@@ -35,49 +36,21 @@ from pathlib import Path
 import torch
 from ray.tune import Callback
 
-from rldiff.algo import (
-    TrainConfig,
-    build_config,
-    gpus_per_env_runner,
-    module_ids,
-    warm_start,
-)
-from rldiff.env import experts_in_use
+from rldiff.algo import TrainConfig, gpus_per_env_runner
+from rldiff.loop import iterations, metrics, progress_line, start_algorithm
 from rldiff.models import EMBEDDED, EXACT_GMM, load_model, visible_device
-from rldiff.train import (
-    config_from_json,
-    evaluation_config,
-    iteration_row,
-    prepare_training,
-    start_ray,
+from rldiff.search_space import (
+    FULL_SPACE,
+    METRIC,
+    MODE,
+    QUICK_SPACE,
+    search_space,
+    trial_config,
 )
+from rldiff.train import config_from_json, evaluation_config, prepare_training, start_ray
 
-METRIC, MODE = "rldiff/rmse_vs_base", "min"  # ASHA's metric: training quality vs the base
 EXPERIMENT = "search"  # Tune's experiment directory name under the storage path
 SETTINGS_FILE = "tune.json"
-
-# Search spaces: parameter -> [kind, arguments]; the kinds are Tune's sampling functions. JSON-able
-# (saved in tune.json). "hidden" is "<width>x<width>...", "experts" "all" or comma-separated names.
-QUICK_SPACE = {
-    "lr": ["loguniform", 1e-4, 1e-3],
-    "router_entropy_coeff": ["loguniform", 0.02, 0.5],  # around the default 0.2 (the start)
-    "router_entropy_final": ["choice", [0.01, 0.05]],  # where the annealed bonus ends
-    "entropy_coeff": ["choice", [0.0, 0.001, 0.01]],
-    "clip": ["choice", [0.1, 0.2, 0.3]],
-    "hidden": ["choice", ["32x32", "64x64", "128x128"]],
-    "cost_per_nfe": ["choice", [0.0, 0.005, 0.02]],
-    "step_range": ["uniform", 1.2, 2.0],
-    "experts": ["choice", ["all", "unipc,dpmpp-2m,heun", "unipc,dpmpp-2m"]],
-    "router_warm_start": ["choice", [0.8, 0.95]],
-}
-FULL_SPACE = {
-    **QUICK_SPACE,
-    "hidden": ["choice", ["64x64", "128x128", "256x256", "128x128x128"]],
-    "experts": ["choice", ["all", "unipc,dpmpp-2m,heun", "unipc,dpmpp-2m", "unipc"]],
-    "num_epochs": ["choice", [2, 4, 8]],
-    "lambda_": ["choice", [0.9, 0.95, 1.0]],
-}
-SAMPLERS = ("choice", "uniform", "loguniform", "randint")
 
 
 @dataclass
@@ -129,74 +102,37 @@ PRESETS = {
 }
 
 
-def search_space(space: dict) -> dict:
-    """Tune's param space from the JSON description (see ``QUICK_SPACE``)."""
-    from ray import tune
-
-    out = {}
-    for name, (kind, *args) in space.items():
-        if kind not in SAMPLERS:
-            raise ValueError(f"search space {name}: unknown kind {kind!r}; use one of {SAMPLERS}")
-        out[name] = getattr(tune, kind)(*args)
-    return out
-
-
-def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
-    """The ``TrainConfig`` of one trial: ``base`` with the trial's parameters (``hidden`` as
-    "64x64", ``experts`` as "all" or comma-separated names, everything else as is)."""
-    values = dict(params)
-    if "hidden" in values:
-        values["hidden"] = tuple(int(h) for h in str(values["hidden"]).split("x"))
-    if "experts" in values:
-        names = str(values["experts"])
-        values["experts"] = None if names == "all" else tuple(names.split(","))
-        experts_in_use(values["experts"])  # unknown names fail here, not in a trial
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"search space: {unknown} are not TrainConfig fields")
-    return dataclasses.replace(base, **values)
-
-
 def train_trial(params: dict, base: TrainConfig) -> None:
-    """Tune function trainable: trains ``trial_config(base, params)``, reporting every iteration
-    and checkpointing every ``checkpoint_every`` and at the end; resumes from Tune's checkpoint."""
+    """Tune function trainable: trains ``trial_config(base, params)`` with ``rldiff.loop``,
+    reporting every iteration and checkpointing every ``checkpoint_every`` and at the end; resumes
+    from Tune's checkpoint."""
     from ray import tune
-    from ray.rllib.algorithms.algorithm import Algorithm
 
     torch.set_num_threads(1)
     cfg = trial_config(base, params)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        algo = build_config(cfg).build_algo()
-        warm_start(algo, cfg)  # fresh trials only: a checkpoint has its trained modules
+        algo = start_algorithm(cfg, None)
     else:
         with checkpoint.as_directory() as directory:
-            algo = Algorithm.from_checkpoint(str(Path(directory).resolve()))
-    modules = module_ids(cfg.env_config()["experts"])
+            algo = start_algorithm(cfg, Path(directory))
     try:
-        while algo.iteration < cfg.iterations:
-            start = time.perf_counter()
-            result = algo.train()
-            metrics = trial_metrics(iteration_row(result, modules, time.perf_counter() - start))
-            if algo.iteration % cfg.checkpoint_every and algo.iteration < cfg.iterations:
-                tune.report(metrics)
+        for row, due in iterations(algo, cfg):
+            if not due:
+                tune.report(trial_metrics(row))
                 continue
             with tempfile.TemporaryDirectory(prefix="rldiff-checkpoint-") as directory:
                 algo.save(directory)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+                saved = tune.Checkpoint.from_directory(directory)
+                tune.report(trial_metrics(row), checkpoint=saved)
     finally:
         algo.stop()
 
 
 def trial_metrics(row: dict) -> dict:
-    """A training iteration's row, every key namespaced (Tune's TensorBoard tags), ``METRIC``
-    always present (NaN before any episode ended) since ASHA reads it from every result."""
-    metrics = {k: v for k, v in row.items() if "/" in k}
-    metrics["charts/env_steps"] = row["env_steps"]
-    metrics["charts/seconds_per_iteration"] = row["seconds"]
-    metrics.setdefault(METRIC, math.nan)
-    return metrics
+    """A training iteration's metrics (Tune's TensorBoard tags), ``METRIC`` always present (NaN
+    before any episode ended) since ASHA reads it from every result."""
+    return {METRIC: math.nan, **metrics(row)}
 
 
 def trial_bundles(cfg: TrainConfig) -> list[dict]:
@@ -384,15 +320,8 @@ class ProgressLines(Callback):
         print(f"{trial.trial_id} start | {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(
-            f"{trial.trial_id} iter {result['training_iteration']:4d} | "
-            f"rmse/base {result.get(METRIC, math.nan):.3f} | "
-            f"reward {result.get('rldiff/reward_mean', math.nan):+.3f} | "
-            f"nfe {result.get('rldiff/nfe_mean', math.nan):.2f} | "
-            f"H(router) {result.get('rldiff/router_entropy', math.nan):.3f} | "
-            f"{result.get('charts/seconds_per_iteration', math.nan):.1f} s",
-            flush=True,
-        )
+        line = progress_line(result, result["training_iteration"])  # rldiff.loop's line
+        print(f"{trial.trial_id} {line}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

@@ -2,9 +2,9 @@
 picked and exported, and the trial table and plot written.
 
 Held-out scoring, never the training reward: each finished trial's final checkpoint is exported
-(``rldiff.learned_policy.export_policy``) and sampled with the evaluation protocol's scoring
+(``rldiff.policy_export.export_policy``) and sampled with the evaluation protocol's scoring
 (``rldiff.evaluate``: reference RMSE from the same noise, NFE counted per sample) at every target
-budget, beside the base expert's global schedule (the warm start every trial starts from). The
+budget, beside the base expert's global schedule (the base schedule every trial steps around). The
 selection seeds (``SELECTION_SEED_OFFSET + i``) are disjoint from the training seeds and from the
 evaluation seeds of the winner's report, so the report is not flattered by having picked the best
 of many trials on the very samples it is scored on.
@@ -25,17 +25,18 @@ import shutil
 from pathlib import Path
 
 from rldiff.evaluate import EVAL_SEED_OFFSET, PolicySpec, score_policy, seed_set
-from rldiff.learned_policy import export_policy
 from rldiff.metrics import distribution_metrics
 from rldiff.parallel import connect_ray, parallel_map
+from rldiff.policy_export import export_policy
+from rldiff.search_space import METRIC, trial_config
 from rldiff.train import LEARNED_NAME, evaluate_policies
 
 SELECTION_SEED_OFFSET = EVAL_SEED_OFFSET + 500_000  # held out from training and from the report
 FINAL_METRICS = (  # the last training result's figures kept in the table, as train/<name>
-    "rldiff/rmse_vs_base",
-    "rldiff/reward_mean",
-    "rldiff/nfe_mean",
-    "rldiff/router_entropy",
+    METRIC,
+    "charts/reward_mean",
+    "charts/nfe_mean",
+    "charts/router_entropy",
     "charts/seconds_per_iteration",
 )
 
@@ -43,8 +44,6 @@ FINAL_METRICS = (  # the last training result's figures kept in the table, as tr
 def summarise(grid, settings, out: Path, ev, denoiser) -> dict:
     """Exports and scores every finished trial of ``grid`` (a ``ResultGrid``), writes
     ``trials.parquet``, ``trials.csv``, ``trials.png`` and ``winner/``; returns a summary."""
-    from rldiff.tune import METRIC
-
     budgets = target_budgets(settings)
     rows, curves = [], {}
     for result in grid:
@@ -112,8 +111,6 @@ def trial_row(result, settings) -> dict:
 
 def export_trial(result, row: dict, settings, directory: Path) -> Path:
     """The trial's final checkpoint as a policy directory ``directory/<trial id>/policy``."""
-    from rldiff.tune import trial_config
-
     cfg = trial_config(settings.train, result.config)
     final = {k: v for k, v in (result.metrics or {}).items() if "/" in k}
     summary = {"trial_id": row["trial_id"], "iteration": row["iterations"], "final": final}
@@ -175,8 +172,6 @@ def export_winner(winner: dict, settings, budgets, out: Path, ev, denoiser) -> P
     """``out/winner``: ``policy/``, ``train_config.json``, ``trial.json`` (its row and the rule
     it was picked by) and ``evaluation/`` (the full protocol with it beside every baseline).
     Written under a temporary name and swapped in, so ``winner/`` is always whole."""
-    from rldiff.tune import trial_config
-
     target, tmp = out / "winner", out / "winner.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(winner["policy"], tmp / "policy")
@@ -210,7 +205,7 @@ def write_table(rows: list[dict], out: Path) -> None:
 
 
 def plot_trials(rows: list[dict], curves: dict, path: Path) -> None:
-    """Training curves of ``rldiff/rmse_vs_base`` per trial (left) and the held-out score per
+    """Training curves of ``charts/rmse_vs_base`` (``METRIC``) per trial (left) and the held-out score per
     trial (right), the winner in red."""
     import matplotlib
 

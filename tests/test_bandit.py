@@ -6,8 +6,9 @@ import torch
 
 from rldiff.bandit import BanditPolicy, train_bandit
 from rldiff.denoisers import Condition
-from rldiff.env import ENV_DEFAULTS, WarmStart, training_references
+from rldiff.env import ENV_DEFAULTS, training_references
 from rldiff.models import load_model
+from rldiff.routing import BaseSchedule
 from rldiff.sampler import sample
 from rldiff.schedules import get_schedule
 from rldiff.seeds import initial_noise
@@ -32,7 +33,7 @@ def test_prefers_the_clearly_better_arm(training):
     """Euler vs UniPC at budget 5: UniPC is the greedy arm, by a clear margin, at the steps where
     the arms differ (the first step has no history and the last jumps to D, so there they agree)."""
     bandit = train_bandit(
-        *training, [5], WarmStart(), rounds=8, epsilon=0.3, experts=["euler", "unipc"]
+        *training, [5], BaseSchedule(), rounds=8, epsilon=0.3, experts=["euler", "unipc"]
     )
     assert bandit.arms == [expert_index("euler"), expert_index("unipc")]
     values, counts = bandit.values[0], bandit.counts[0]
@@ -44,7 +45,7 @@ def test_prefers_the_clearly_better_arm(training):
 def test_greedy_policy_respects_budgets_and_round_trips(training, tmp_path):
     denoiser, reference, noise, cond = training
     budgets = [3, 5, 8]
-    base = WarmStart.make({b: get_schedule("karras", b, denoiser.noise) for b in budgets})
+    base = BaseSchedule.make({b: get_schedule("karras", b, denoiser.noise) for b in budgets})
     bandit = train_bandit(denoiser, reference, noise, cond, budgets, base, rounds=3, epsilon=0.2)
     budget = torch.tensor([3, 5, 8, 8, 5, 3, 3, 5] * 2)
     run = sample(denoiser, bandit, noise[:16], cond[:16], budget)

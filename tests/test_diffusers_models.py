@@ -206,7 +206,7 @@ def test_labels_for_seeds(small_gmm):
 
 def test_unconditional_labels_in_the_routing_features(small_gmm):
     """An unconditional model's labels take the class one-hot's 'no class' slot."""
-    from rldiff.env import OBS_DIM, K, observation_vector
+    from rldiff.routing import OBS_DIM, K, observation_vector
     from rldiff.sampler import Sampling
 
     cond = Condition.make(labels_for_seeds(range(3), 0))

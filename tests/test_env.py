@@ -1,20 +1,19 @@
-"""The routing env (RLlib's multi-agent checks, budgets, warm start, reward) and a PPO smoke run."""
-
-import time
+"""The routing env (multi-agent checks, budgets, base schedule, reward) and a PPO smoke run."""
 
 import numpy as np
 import pytest
 import torch
 
-from rldiff.env import (
-    OBS_DIM,
-    K,
-    RoutingEnv,
-    WarmStart,
-    WarmStartPolicy,
-    decision_from_actions,
-)
+from rldiff.env import RoutingEnv
 from rldiff.policies import FixedSchedulePolicy
+from rldiff.routing import (
+    OBS_DIM,
+    BaseSchedule,
+    BaseSchedulePolicy,
+    K,
+    decision_from_actions,
+    one_step_along,
+)
 from rldiff.sampler import sample
 from rldiff.schedules import get_schedule
 from rldiff.solvers import EXPERT_NAMES, expert_index
@@ -118,21 +117,23 @@ def test_step_action_scales_the_log_step(env_config):
     env = RoutingEnv(env_config)
     env.reset(seed=1)
     obs, b = env.obs, env.batch_size
-    base_next = WarmStart().sigma_next(obs)
+    base_next = BaseSchedule().sigma_next(obs)
     h_base = (obs.sigma / base_next).log()
     span = (obs.sigma / obs.sigma_min).log()
-    r = WarmStart().step_range
+    r = BaseSchedule().step_range
     for a, factor in [(1.0, r), (-1.0, 1 / r), (0.5, r**0.5)]:
         actions = np.tile([a, 0.0], (b, 1))
-        d = decision_from_actions(obs, [UNIPC] * b, actions, WarmStart())
+        d = decision_from_actions(obs, [UNIPC] * b, actions, BaseSchedule())
         inside = h_base * factor < span * (1 - 1e-9)  # a step past sigma_min jumps to 0
         assert (d.sigma_next[~inside] == 0).all() and inside.any()
         torch.testing.assert_close(
             (obs.sigma / d.sigma_next).log()[inside], (h_base * factor)[inside]
         )
-    stochastic = decision_from_actions(obs, [K - 1] * b, np.tile([0.0, 0.5], (b, 1)), WarmStart())
+    stochastic = decision_from_actions(
+        obs, [K - 1] * b, np.tile([0.0, 0.5], (b, 1)), BaseSchedule()
+    )
     assert torch.allclose(stochastic.noise, torch.full((b,), 0.75, dtype=torch.float64))
-    policy = WarmStartPolicy("unipc", WarmStart())
+    policy = BaseSchedulePolicy("unipc", BaseSchedule())
     assert torch.equal(policy.act(obs).sigma_next, base_next)
 
 
@@ -154,14 +155,12 @@ def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
 
     assert policy_mapping_fn("router_3", None) == "router"
     assert policy_mapping_fn("expert4_11", None) == "expert_4"
-    start = time.perf_counter()
     cfg = tiny_config(tiny_train_config, env_config, cost_per_nfe=(0.0, 0.01))
     algo = build_config(cfg).build_algo()
     try:
         results = [algo.train() for _ in range(2)]
     finally:
         algo.stop()
-    assert time.perf_counter() - start < 60
     metrics = results[-1]["env_runners"]["rldiff"]
     for key in ("rmse_mean", "rmse_base_mean", "nfe_mean", "reward_mean", "router_entropy"):
         assert np.isfinite(metrics[key]), key
@@ -225,8 +224,6 @@ def test_ppo_single_expert_smoke(ray_local, env_config, tiny_train_config):
 
 
 def test_one_step_along_keeps_the_fractional_position():
-    from rldiff.env import one_step_along
-
     table = torch.tensor([157.0, 20.0, 3.0, 0.5, 0.0], dtype=torch.float64)
     on_points = one_step_along(table, table[:-1].clone())
     assert torch.equal(on_points, table[1:])  # exactly the next point, then the jump

@@ -86,9 +86,16 @@ def test_cached_references_and_schedules_are_reused(evaluated, monkeypatch):
     assert main(argv) == 0
 
 
-def test_evaluation_seeds_are_disjoint_from_optimisation_seeds():
-    cfg = EvaluateConfig()
-    assert cfg.n_train < EVAL_SEED_OFFSET
+def test_evaluation_seeds_are_disjoint_from_optimisation_seeds(evaluated):
+    """The banks the run built: held-out seeds from EVAL_SEED_OFFSET, optimisation seeds below."""
+    from rldiff.reference import load_reference
+
+    banks = {
+        p.name.split("-")[2]: load_reference(p) for p in (evaluated / "cache").glob("*.parquet")
+    }
+    held_out, train = set(banks["eval"].seeds.tolist()), set(banks["train"].seeds.tolist())
+    assert len(held_out) == 40 and len(train) == 20 and not held_out & train
+    assert min(held_out) == EVAL_SEED_OFFSET and max(train) < EVAL_SEED_OFFSET
 
 
 def test_optimised_schedule_improves_a_poor_start(small_gmm):

@@ -9,7 +9,7 @@ from rldiff.denoisers import Condition
 from rldiff.noise import DiscreteVP
 from rldiff.policies import FixedSchedulePolicy, fixed_policy
 from rldiff.sampler import sample
-from rldiff.schedules import SCHEDULES, explicit, get_schedule, karras, logsnr_uniform
+from rldiff.schedules import SCHEDULES, get_schedule, karras, logsnr_uniform
 from rldiff.solvers import EXPERT_NAMES, steps_for_budget
 
 NOISE = DiscreteVP.linear_betas()
@@ -27,7 +27,6 @@ def test_length_monotone_endpoints(name, n):
     assert (s[1:] < s[:-1]).all(), s
     assert s[0].item() == pytest.approx(NOISE.sigma_max, rel=1e-12)
     assert (s[:-1] >= NOISE.sigma_min * (1 - 1e-12)).all()
-    assert torch.equal(explicit(s), s)  # every schedule is a valid explicit one
 
 
 def test_karras_formula_spot_values():
@@ -64,33 +63,6 @@ def test_time_uniform_follows_the_timestep_map():
     t = torch.linspace(NOISE.num_train_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
     assert torch.allclose(s[:-1], NOISE.t_to_sigma(t), rtol=1e-14)
     assert torch.allclose(s[:-1], NOISE.sigmas[[999, 666, 333]], rtol=1e-12)
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        [],
-        [0.0],
-        [1.0],
-        [2.0, 1.0],  # does not end in 0
-        [1.0, 2.0, 0.0],  # increasing
-        [2.0, 2.0, 0.0],  # not strictly decreasing
-        [2.0, 0.0, 0.0],  # a zero before the end
-        [2.0, -1.0, 0.0],  # negative
-        [float("nan"), 0.0],
-        [float("inf"), 1.0, 0.0],
-        [2.0, float("nan"), 0.0],
-    ],
-)
-def test_explicit_rejects_bad_lists(bad):
-    with pytest.raises(ValueError):
-        explicit(bad)
-
-
-def test_explicit_accepts_and_converts():
-    s = explicit([3, 2.5, 1e-3, 0])
-    assert s.dtype == torch.float64 and s.tolist() == [3.0, 2.5, 1e-3, 0.0]
-    assert explicit(torch.tensor([[1.0], [0.0]])).shape == (2,)
 
 
 def test_get_schedule_rejects_unknown_and_empty():

@@ -42,7 +42,7 @@ def gmm():
 
 @pytest.fixture(scope="module")
 def policy_root(tmp_path_factory, gmm):
-    """``good/policy`` (untrained, warm start on logSNR schedules for budgets 4 and 6) with an
+    """``good/policy`` (untrained, base schedules: logSNR schedules for budgets 4 and 6) with an
     evaluation beside it, ``copy/policy`` (the same policy elsewhere), ``broken/policy``,
     ``other-model/policy`` (trained on another model, as far as its fingerprint says)."""
     from rldiff.serving.untrained import untrained_policy
@@ -285,7 +285,7 @@ def test_merged_requests_equal_the_sampler_run_alone(catalog, gmm):
         if job.policy == "learned":
             policy = catalog.learned.policy
         elif job.policy == "global:unipc":
-            sigmas = tuple(catalog.learned.spec["warm_start"]["schedules"][str(job.budget)])
+            sigmas = tuple(catalog.learned.spec["base_schedule"]["schedules"][str(job.budget)])
             policy = PolicySpec("global:unipc", "global", "unipc", job.budget, sigmas=sigmas)
             policy = policy.build(gmm.noise)
         else:

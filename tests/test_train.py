@@ -1,5 +1,6 @@
 """The training job end to end on the exact mixture model at a tiny size: checkpoints, TensorBoard,
-resume, the exported policy (same actions as inside RLlib) and its evaluation."""
+resume, the exported policy (same actions as inside RLlib, format 1 refused and converted) and its
+evaluation."""
 
 import json
 import shutil
@@ -9,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rldiff.algo import warm_start
 from rldiff.cli import main
 from rldiff.global_schedule import SearchConfig
-from rldiff.learned_policy import LearnedPolicy, expert_mean, router_choice
+from rldiff.learned_policy import LearnedPolicy, expert_mean
 from rldiff.models import load_model
+from rldiff.routing import decision_from_actions
 from rldiff.sampler import Sampling, sample
 from rldiff.seeds import initial_noise
 from rldiff.solvers import EXPERT_NAMES, expert_index
@@ -52,15 +53,17 @@ def test_run_writes_checkpoints_tensorboard_policy_and_evaluation(trained, event
     progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in progress] == [1, 2]
     tags = event_tags(out / "tensorboard")
-    assert tags["rldiff/rmse_mean"] == [1, 2]
+    assert tags["charts/rmse_mean"] == [1, 2]
     assert {"losses/router/policy_loss", "losses/expert_2/policy_loss"} <= set(tags)
     assert {f"charts/expert_usage/{n}" for n in EXPERT_NAMES} <= set(tags)
 
     spec = json.loads((out / "policy" / "policy.json").read_text())
     assert [e["name"] for e in spec["experts"]] == list(EXPERT_NAMES) and spec["router"]
-    assert sorted(spec["warm_start"]["schedules"]) == [str(b) for b in BUDGETS]
+    assert sorted(spec["base_schedule"]["schedules"]) == [str(b) for b in BUDGETS]
     assert spec["training"]["iteration"] == 2
-    assert (out / "policy" / "modules" / "router").is_dir()
+    files = sorted(p.name for p in (out / "policy").iterdir())
+    assert files == sorted(["policy.json", *(f"{m}.safetensors" for m in spec["modules"])])
+    assert spec["modules"]["router"]["out_dim"] == 5 and spec["format"] == 2
     assert json.loads((out / "train_config.json").read_text())["base_schedules"]
 
     rows = pq.read_table(out / "evaluation" / "results.parquet").to_pylist()
@@ -91,30 +94,24 @@ def test_ablation_ppo_single_is_trained_and_evaluated_beside_moe(trained):
     assert "| `ppo-single` |" in report and "vs best global" in report
 
 
-def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monkeypatch):
+def test_resume_continues_at_the_next_iteration(ray_local, tiny, tmp_path, monkeypatch, capsys):
+    """A resumed run goes on from its checkpoint's modules (tests/test_warm_start.py: a restore
+    loads the trained weights over the modules' warm start), and says so."""
     import dataclasses
 
-    import rldiff.train
-
     monkeypatch.chdir(tmp_path)
-    warm_starts = []  # the router warm start runs on a fresh run only, never on resume
-
-    def spy(algo, cfg):
-        warm_starts.append(algo.iteration)
-        return warm_start(algo, cfg)
-
-    monkeypatch.setattr(rldiff.train, "warm_start", spy)
     out = Path("run")  # relative, as typed on a command line
     kwargs = {"evaluate": False, "eval_overrides": EVAL_OVERRIDES}  # the cached base schedules
     first = run_training(dataclasses.replace(tiny, iterations=1), out, **kwargs)
-    assert first["iterations_run"] == [1] and warm_starts == [0]
+    assert first["iterations_run"] == [1] and "router warm start: " in capsys.readouterr().out
     shutil.rmtree(out / "policy")  # as if killed after the checkpoint
     resumed = run_training(tiny, out, resume=True, **kwargs)
     assert resumed["iterations_run"] == [2] and resumed["iteration"] == 2
-    assert warm_starts == [0]
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "router warm start" not in printed
     progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in progress] == [1, 2]
-    assert progress[1]["env_steps"] > progress[0]["env_steps"]  # the counters carried on
+    assert progress[1]["charts/env_steps"] > progress[0]["charts/env_steps"]  # carried on
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0001", "iter_0002"]
     policy = json.loads((out / "policy" / "policy.json").read_text())
     assert policy["training"]["iteration"] == 2
@@ -140,7 +137,26 @@ def observations(policy, budgets, steps: int):
         batch.advance(policy.act(obs))
 
 
+def rllib_dist_inputs(module, x: torch.Tensor) -> torch.Tensor:
+    """An RLlib module's action distribution inputs for observations ``x``."""
+    from ray.rllib.core.columns import Columns
+
+    with torch.no_grad():
+        return module.forward_inference({Columns.OBS: x})[Columns.ACTION_DIST_INPUTS]
+
+
+def rllib_expert_mean(module, x: torch.Tensor) -> torch.Tensor:
+    """An RLlib expert module's Gaussian mean, unsquashed to its action bounds and clipped."""
+    out = rllib_dist_inputs(module, x)
+    mean = out[:, : out.shape[1] // 2]
+    low = torch.as_tensor(module.action_space.low, dtype=mean.dtype)
+    high = torch.as_tensor(module.action_space.high, dtype=mean.dtype)
+    return torch.clamp(low + (mean + 1) * (high - low) / 2, low, high)
+
+
 def test_standalone_policy_acts_like_the_modules_inside_the_algorithm(trained):
+    """Bit for bit: the networks' outputs, the router's choice, the experts' actions and the
+    decision the sampler gets."""
     from ray.rllib.algorithms.algorithm import Algorithm
 
     out, summary = trained
@@ -150,19 +166,55 @@ def test_standalone_policy_acts_like_the_modules_inside_the_algorithm(trained):
         budgets = torch.tensor([4, 6] * 6)
         for obs in observations(policy, budgets, steps=3):
             x = policy.observe(obs)
+            logits = rllib_dist_inputs(algo.get_module("router"), x)
             with torch.no_grad():
-                choice = router_choice(algo.get_module("router"), x)
-                means = {k: expert_mean(algo.get_module(f"expert_{k}"), x) for k in range(5)}
+                assert torch.equal(policy.router(x), logits)
             decision = policy.act(obs)
-            assert torch.equal(decision.expert, choice)  # router action j is expert j here
+            assert torch.equal(decision.expert, logits.argmax(1))  # router action j is expert j
+            actions = torch.zeros(len(x), 2, dtype=torch.float64)
             for k in decision.expert.unique().tolist():
                 rows = decision.expert == k
-                mine = policy.expert_modules[k]
+                module, mine = algo.get_module(f"expert_{k}"), policy.expert_modules[k]
                 with torch.no_grad():
-                    torch.testing.assert_close(expert_mean(mine, x[rows]), means[k][rows])
+                    assert torch.equal(mine(x[rows]), rllib_dist_inputs(module, x[rows]))
+                    assert torch.equal(
+                        expert_mean(mine, x[rows]), rllib_expert_mean(module, x[rows])
+                    )
+                actions[rows] = rllib_expert_mean(module, x[rows]).double()
+            theirs = decision_from_actions(obs, decision.expert, actions.numpy(), policy.base)
+            assert torch.equal(decision.sigma_next, theirs.sigma_next)
+            assert torch.equal(decision.noise, theirs.noise)
             assert ((decision.confidence >= 1 / 5 - 1e-9) & (decision.confidence <= 1)).all()
     finally:
         algo.stop()
+
+
+def test_a_format_1_directory_is_refused_then_converted(trained, tmp_path):
+    """A directory the old export wrote (RLlib module checkpoints under ``modules/``) fails to
+    load with the command that converts it; converted, it acts as the fresh export does."""
+    from rldiff.policy_export import MODULES_IN_CHECKPOINT, main
+
+    out, summary = trained
+    spec = json.loads((out / "policy" / "policy.json").read_text())
+    old = tmp_path / "policy"
+    for m in spec["modules"]:
+        source = Path(summary["checkpoint"]).joinpath(*MODULES_IN_CHECKPOINT, m)
+        shutil.copytree(source, old / "modules" / m)
+    spec = {k: v for k, v in spec.items() if k != "modules"}
+    spec |= {"format": 1, "warm_start": spec.pop("base_schedule")}
+    (old / "policy.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="format 1") as error:
+        LearnedPolicy.load(old)
+    assert f"python -m rldiff.policy_export {old}" in str(error.value)
+    assert "rldiff train --out RUN --resume --iterations 2 --no-evaluate" in str(error.value)
+
+    assert main([str(old)]) == 0
+    assert not (old / "modules").exists()
+    converted, fresh = LearnedPolicy.load(old), LearnedPolicy.load(out / "policy")
+    assert converted.spec["base_schedule"] == fresh.spec["base_schedule"]
+    for obs in observations(fresh, torch.tensor([4, 6] * 6), steps=2):
+        a, b = converted.act(obs), fresh.act(obs)
+        assert torch.equal(a.expert, b.expert) and torch.equal(a.sigma_next, b.sigma_next)
 
 
 def test_learned_policy_respects_budgets_in_the_sampler(trained):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from rldiff.algo import TrainConfig
+from rldiff.algo import TrainConfig, build_config
 from rldiff.global_schedule import SearchConfig
 from rldiff.learned_policy import LearnedPolicy
 from rldiff.tune import (
@@ -115,7 +115,7 @@ def test_trial_table_plot_and_tensorboard_per_trial(searched, event_tags):
     assert len(trials) == 2
     for trial in trials:
         tags = event_tags(trial)
-        assert sorted(set(tags["ray/tune/rldiff/rmse_vs_base"])) == [1, 2]
+        assert sorted(set(tags["ray/tune/charts/rmse_vs_base"])) == [1, 2]
         assert "ray/tune/charts/seconds_per_iteration" in tags
         assert any(t.startswith("ray/tune/losses/") for t in tags)
 
@@ -164,7 +164,19 @@ def test_every_preset_space_makes_valid_trial_configs(preset):
     for i in range(20):
         params = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
         cfg = trial_config(settings.train, params)
-        assert cfg.lr > 0 and all(h > 0 for h in cfg.hidden), (i, params)
+        for key, value in settings.space.items():  # every sampled value lands, in its range
+            applied = getattr(cfg, key)
+            if key == "hidden":
+                assert "x".join(map(str, applied)) == params[key], (i, params)
+            elif key == "experts":
+                assert applied == (None if params[key] == "all" else tuple(params[key].split(",")))
+            elif value[0] in ("uniform", "loguniform"):
+                assert value[1] <= applied <= value[2] and applied == params[key], (i, key)
+            elif value[0] == "choice":
+                assert applied in value[1], (i, key)
+            else:
+                assert applied == params[key], (i, key)
+    build_config(cfg)  # RLlib accepts the last one (no Ray needed to build the config object)
 
 
 def test_ties_on_quality_go_to_the_fewest_nfe():

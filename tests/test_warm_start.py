@@ -1,22 +1,29 @@
 """The warm starts: a fresh Algorithm's router picks the base expert with probability
 ``router_warm_start`` (on average over observations), and the experts' Gaussians start with std
-``expert_init_std``, in the learner AND on the env runners."""
+``expert_init_std``, in the learner AND on the env runners. The modules set this up themselves
+(``WarmStartPPOModule``): RLlib's default modules, same random init, plus that recipe."""
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
 import torch
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rldiff.algo import (
     ROUTER,
     TrainConfig,
+    WarmStartPPOModule,
     build_config,
+    module_ids,
     policy_output_layer,
     router_warm_start_probs,
-    warm_start_experts,
-    warm_start_router,
+    warm_start_note,
 )
 from rldiff.env import RoutingEnv, training_references
 from rldiff.models import load_model
@@ -24,6 +31,11 @@ from rldiff.models import load_model
 EXPERTS = ("heun", "unipc", "euler")  # a subset, base expert (unipc) at router action 1
 BASE = EXPERTS.index("unipc")
 TOLERANCE = 0.05  # the output layer's weights keep their random init: logits vary a little
+# The initial weights of the one-expert tiny config (seed 0), warm start included: sha256 of the
+# learner module's state dict (``digest``). One module only: with several, RLlib builds them in
+# the order of a set of module ids, which follows PYTHONHASHSEED (the multi-module case is
+# checked against RLlib's default modules instead).
+PINNED = {"expert_2": "7c26f4005c91cd06"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +58,14 @@ def cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny(cfg, tiny_train_config):
+    """The tests' tiny training config (all experts, sampling in the driver)."""
+    config = tiny_train_config(cfg.cache)
+    training_references(load_model(config.model), config.env_config())
+    return config
+
+
+@pytest.fixture(scope="module")
 def router_obs(cfg) -> torch.Tensor:
     """Router observations of one episode at every step (random routing, zero expert actions)."""
     training_references(load_model(cfg.model), cfg.env_config())  # cached for the env runner too
@@ -60,6 +80,112 @@ def router_obs(cfg) -> torch.Tensor:
         }
         obs, *_ = env.step(actions)
     return torch.as_tensor(np.stack(seen))
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def initial_states(config) -> dict[str, dict]:
+    """Module id -> state dict of a freshly built algorithm: the learner's modules, then the
+    driver's env runner's (under ``runner/<id>``, the actor path only: all it is synced)."""
+    ids = list(config.rl_module_spec.rl_module_specs)
+    algo = config.build_algo()
+    try:
+        (learner,) = [
+            r.get()
+            for r in algo.learner_group.foreach_learner(
+                lambda learner: {m: _state(learner.module[m]) for m in ids}
+            )
+        ]
+        runner = {f"runner/{m}": _state(algo.get_module(m), _actor) for m in ids}
+        return learner | runner
+    finally:
+        algo.stop()
+
+
+def _state(module, keep=lambda key: True) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if keep(k)}
+
+
+def _actor(key: str) -> bool:
+    return key.startswith(("encoder.actor_encoder.", "pi."))
+
+
+def default_modules(cfg: TrainConfig):
+    """``build_config(cfg)`` with RLlib's default PPO modules and no warm start keys."""
+    model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
+    specs = {m: RLModuleSpec(model_config=model) for m in module_ids(cfg.experts)}
+    return build_config(cfg).rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=specs))
+
+
+def warm_started(states: dict, cfg: TrainConfig) -> dict:
+    """The warm start's recipe applied to default modules' states: the router's output bias
+    = log of its target probabilities; an expert's log-std rows: zero weights, bias log(std)."""
+    out = {m: dict(s) for m, s in states.items()}
+    head = "pi.net.mlp.0."  # the output layer of pi (default config: no hidden head layers)
+    for m, state in out.items():
+        if m.endswith(ROUTER):
+            logits = torch.as_tensor(np.log(router_warm_start_probs(cfg)), dtype=torch.float32)
+            state[head + "bias"] = logits
+        else:
+            weight, bias = state[head + "weight"].clone(), state[head + "bias"].clone()
+            half = len(bias) // 2
+            weight[half:] = 0
+            bias[half:] = float(np.log(cfg.expert_init_std))
+            state[head + "weight"], state[head + "bias"] = weight, bias
+    return out
+
+
+def test_modules_start_as_the_default_ones_plus_the_warm_start(ray_local, tiny):
+    """Bit for bit, every tensor of every module, learner and env runner: the random init is
+    RLlib's own, and the warm start sets exactly ``warm_started``'s recipe, nothing else."""
+    warm = initial_states(build_config(tiny))
+    default = initial_states(default_modules(tiny))
+    expected = warm_started(default, tiny)
+    assert warm.keys() == expected.keys() and len(warm) == 12  # router + 5 experts, twice
+    for m, state in expected.items():
+        assert warm[m].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(warm[m][key], value), f"{m} {key}"
+    off = dataclasses.replace(tiny, router_warm_start=None, expert_init_std=0)
+    plain = initial_states(build_config(off))
+    assert all(torch.equal(plain[m][k], v) for m, s in default.items() for k, v in s.items())
+
+
+def test_initial_weights_are_the_pinned_ones(ray_local, tiny):
+    one = dataclasses.replace(tiny, experts=("unipc",))
+    states = initial_states(build_config(one))
+    assert {m: digest(s) for m, s in states.items() if "/" not in m} == PINNED
+
+
+def test_the_modules_are_rllibs_default_ones_with_the_warm_start_keys(tiny):
+    config = build_config(tiny)
+    spec = config.rl_module_spec.rl_module_specs
+    assert {spec[m].module_class for m in spec} == {WarmStartPPOModule}
+    assert issubclass(WarmStartPPOModule, DefaultPPOTorchRLModule)
+    assert spec[ROUTER].model_config["initial_probs"] == pytest.approx(
+        [0.05] * 2 + [0.8] + [0.05] * 2
+    )
+    assert spec["expert_2"].model_config["initial_std"] == 0.3
+    assert "initial_std" not in spec[ROUTER].model_config
+    off = build_config(dataclasses.replace(tiny, router_warm_start=0, expert_init_std=None))
+    assert all(
+        not {"initial_probs", "initial_std"} & set(s.model_config)
+        for s in off.rl_module_spec.rl_module_specs.values()
+    )
+    with pytest.raises(ValueError, match="expert_init_std"):
+        build_config(dataclasses.replace(tiny, expert_init_std=-0.1))
+    assert warm_start_note(tiny) == (
+        "router warm start: euler 0.05 dpmpp-2m 0.05 unipc 0.80 heun 0.05 euler-ancestral 0.05"
+    )
+    absent = dataclasses.replace(tiny, experts=("euler", "heun"))
+    assert warm_start_note(absent) == "router warm start skipped: base expert unipc is not in play"
+    assert warm_start_note(dataclasses.replace(tiny, experts=("unipc",))) is None
 
 
 def router_probs(module, x: torch.Tensor) -> torch.Tensor:
@@ -94,29 +220,21 @@ def test_target_probabilities_follow_the_experts_in_play():
         router_warm_start_probs(TrainConfig(router_warm_start=1.0))
 
 
-def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, router_obs):
+def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, router_obs, tmp_path):
+    from ray.rllib.algorithms.algorithm import Algorithm
+
     algo = build_config(cfg).build_algo()
-    try:  # no call to the env runners before the warm start, as in run_training
+    try:  # no weight edit or sync after the build, as in run_training
         learner = learner_router(algo)
         layer = policy_output_layer(learner)
-        weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
-        before = router_probs(learner, router_obs)[:, BASE]
-        assert abs(before.mean().item() - 0.8) > 0.3  # about uniform
-
-        # Off: nothing changes.
-        assert warm_start_router(algo, dataclasses.replace(cfg, router_warm_start=0)) is None
-        assert torch.equal(layer.bias, bias) and torch.equal(layer.weight, weight)
-
-        # On: only the output layer's bias moves; every copy of the router agrees.
-        target = warm_start_router(algo, cfg)
-        assert target == pytest.approx({"heun": 0.1, "unipc": 0.8, "euler": 0.1})
-        assert torch.equal(layer.weight, weight)
-        torch.testing.assert_close(layer.bias, torch.log(torch.tensor([0.1, 0.8, 0.1])))
+        assert isinstance(learner, WarmStartPPOModule)
+        logits = np.log(router_warm_start_probs(cfg))  # log [0.1, 0.8, 0.1]
+        assert torch.equal(layer.bias, torch.as_tensor(logits, dtype=torch.float32))
         after = router_probs(learner, router_obs)
         base = after[:, BASE]
         print(
-            f"P(unipc) over {len(router_obs)} router observations: before {before.mean():.3f}, "
-            f"after {base.mean():.3f} (min {base.min():.3f}, max {base.max():.3f})"
+            f"P(unipc) over {len(router_obs)} router observations: {base.mean():.3f} "
+            f"(min {base.min():.3f}, max {base.max():.3f})"
         )
         assert base.mean().item() == pytest.approx(0.8, abs=TOLERANCE)
         others = after.mean(0)[[k for k in range(len(EXPERTS)) if k != BASE]]
@@ -127,14 +245,12 @@ def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, rout
             torch.testing.assert_close(router_probs(module, router_obs), after)
 
         # The experts' initial spread: log-std outputs log(expert_init_std) for every observation,
-        # on the env runners too; RLlib's default is about log(1) = 0.
+        # on the env runners too (RLlib's default is about log(1) = 0).
         def log_stds(module):
             out = module.forward_inference({Columns.OBS: router_obs})[Columns.ACTION_DIST_INPUTS]
             return out[:, 2:].detach()
 
         expert = "expert_2"  # unipc
-        assert log_stds(algo.get_module(expert)).abs().mean() < 0.5
-        warm_start_experts(algo, dataclasses.replace(cfg, expert_init_std=0.3))
         remote = algo.env_runner_group.foreach_env_runner(
             lambda runner: runner.module[expert], local_env_runner=False
         )
@@ -148,8 +264,18 @@ def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, rout
         print(f"expert usage, first iteration: { {k: round(v, 3) for k, v in usage.items()} }")
         assert usage["unipc"] == pytest.approx(0.8, abs=0.1)
         assert usage["heun"] + usage["euler"] == pytest.approx(0.2, abs=0.1)
+        trained = policy_output_layer(learner_router(algo)).bias.detach().clone()
+        algo.save(str(tmp_path / "checkpoint"))
     finally:
         algo.stop()
+
+    # A restore builds warm-started modules, then loads the checkpoint's trained ones over them.
+    assert not torch.equal(trained, torch.as_tensor(logits, dtype=torch.float32))  # it learned
+    restored = Algorithm.from_checkpoint(str(tmp_path / "checkpoint"))
+    try:
+        assert torch.equal(policy_output_layer(learner_router(restored)).bias, trained)
+    finally:
+        restored.stop()
 
 
 def test_router_entropy_bonus_is_annealed_over_sampled_env_steps():

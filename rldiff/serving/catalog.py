@@ -43,8 +43,8 @@ class Learned:
 
     @property
     def budgets(self) -> list[int] | None:
-        """Budgets it serves: those with a warm-start schedule (None: any budget)."""
-        schedules = self.spec["warm_start"]["schedules"]
+        """Budgets it serves: those with a base schedule (None: any budget)."""
+        schedules = self.spec["base_schedule"]["schedules"]
         return None if schedules is None else sorted(int(b) for b in schedules)
 
 
@@ -76,7 +76,7 @@ class Catalog:
             if not directory:
                 raise ValueError("no policy directory configured")
             self.learned = self._load(directory)
-            self._baselines = {}  # global:<solver> comes from the policy's warm start
+            self._baselines = {}  # global:<solver> comes from the policy's base schedule
             self.last_swap = {**record, "ok": True, "error": None}
             return True
         except Exception as err:  # any failure to load leaves the service as it was
@@ -141,7 +141,7 @@ class Catalog:
         if name == ADAPTIVE:
             return PolicySpec(name, "adaptive", "dpmpp-2m", budget, tol=self.adaptive_tol)
         if name in self._global_names():
-            schedules = self.learned.spec["warm_start"]["schedules"]
+            schedules = self.learned.spec["base_schedule"]["schedules"]
             if str(budget) not in schedules:
                 raise LookupError(f"{name} is known for budgets {sorted(map(int, schedules))}")
             sigmas = tuple(float(s) for s in schedules[str(budget)])
@@ -149,9 +149,9 @@ class Catalog:
         raise LookupError(f"unknown policy {name!r}; GET /v1/policy lists the policies served")
 
     def _global_names(self) -> list[str]:
-        """The optimised global schedule of the learned policy's base expert (its warm start)."""
+        """The optimised global schedule of the learned policy's base expert (its base schedule)."""
         learned = self.learned
-        if learned is None or learned.spec["warm_start"]["schedules"] is None:
+        if learned is None or learned.spec["base_schedule"]["schedules"] is None:
             return []
         return [f"global:{learned.spec['base_expert']}"]
 

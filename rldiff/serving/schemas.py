@@ -1,8 +1,8 @@
 """Request and response schemas of the HTTP API, and the limits a request is checked against.
 
-The pydantic models check types and shapes (strict: ``"5"`` is not an integer); ``check_request``
-checks the configurable limits (``Limits``) and the model's class range, so every rejected request
-gets a 4xx answer that names the field and what is wrong with it.
+The pydantic models check types and shapes (strict: ``"5"`` is not an integer); ``check_generate``
+and ``check_batch`` check the configurable limits (``Limits``), and ``label_problem`` the model's
+class range, so every rejected request gets a 4xx answer that names the field and what is wrong.
 """
 
 from __future__ import annotations

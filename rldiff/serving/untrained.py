@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rldiff.learned_policy import MODULES_IN_CHECKPOINT, export_policy
+from rldiff.policy_export import MODULES_IN_CHECKPOINT, export_policy
 
 
 def untrained_policy(
@@ -21,13 +21,13 @@ def untrained_policy(
 ) -> Path:
     """Writes an exported policy for ``model`` to ``out_dir`` and returns it.
 
-    ``base_schedules`` (``{budget: sigmas}``) is the warm start; None means the logSNR split,
+    ``base_schedules`` (``{budget: sigmas}``) is the base schedule; None means the logSNR split,
     which serves any budget.
     """
     import gymnasium as gym
 
     from rldiff.algo import ROUTER, TrainConfig, build_config, module_ids
-    from rldiff.env import OBS_DIM, K
+    from rldiff.routing import OBS_DIM, K
 
     torch.manual_seed(seed)
     cfg = TrainConfig(model=model, budgets=tuple(budgets), base_schedules=base_schedules)
