@@ -158,13 +158,13 @@ class Sampler:
         import ray
         import torch
 
-        from rldiff.models import load_model
+        from rldiff.models import load_model, visible_device
         from rldiff.serving.catalog import Catalog
         from rldiff.serving.metrics import SamplerMetrics
 
         torch.set_num_threads(1)
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = visible_device()
         logger.info(f"Sampler: model on {device}, GPUs assigned by Ray: {ray.get_gpu_ids()}")
         denoiser = load_model(model, device)
         denoiser.allow_tf32 = allow_tf32  # only the GPU path reads it (rldiff.denoisers.set_tf32)
