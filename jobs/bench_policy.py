@@ -41,17 +41,20 @@ def random_learned_policy(seed: int = 0):
     """A ``LearnedPolicy`` over freshly initialised modules built from ``build_config``'s spec."""
     import gymnasium as gym
 
-    from rldiff.algo import ROUTER, TrainConfig, build_config, module_ids
-    from rldiff.learned_policy import LearnedPolicy
-    from rldiff.policy_export import policy_net_from_module
-    from rldiff.routing import OBS_DIM, K
-    from rldiff.solvers import EXPERT_NAMES
+    from rldiff.baselines.learned import LearnedPolicy
+    from rldiff.config import TrainConfig
+    from rldiff.core.routing import N_EXPERTS, OBS_DIM
+    from rldiff.core.solvers import EXPERT_NAMES
+    from rldiff.rl.algo import ROUTER, build_config, module_ids
+    from rldiff.rl.export import policy_net_from_module
 
     torch.manual_seed(seed)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
     expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     ids = module_ids()
-    spaces = {m: (obs_space, gym.spaces.Discrete(K) if m == ROUTER else expert_space) for m in ids}
+    spaces = {
+        m: (obs_space, gym.spaces.Discrete(N_EXPERTS) if m == ROUTER else expert_space) for m in ids
+    }
     config = build_config(TrainConfig())
     multi = config.get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
     nets = {m: policy_net_from_module(multi[m]) for m in ids}
@@ -68,8 +71,8 @@ def random_learned_policy(seed: int = 0):
 
 
 def default_bandit(seed: int = 0):
-    from rldiff.bandit import BanditPolicy
-    from rldiff.routing import BaseSchedule
+    from rldiff.baselines.bandit import BanditPolicy
+    from rldiff.core.routing import BaseSchedule
 
     bandit = BanditPolicy.empty(BUDGETS, BaseSchedule(), epsilon=0.1)
     bandit.values = np.random.default_rng(seed).normal(size=bandit.values.shape)
@@ -92,9 +95,9 @@ def median_seconds(fn, repeats: int, warmup: int, device) -> float:
 
 def bench(policy, denoiser, args) -> dict:
     """Runs the first ``args.steps`` sampler steps under ``policy`` and times both per step."""
-    from rldiff.denoisers import Condition, labels_for_seeds
-    from rldiff.sampler import Sampling
-    from rldiff.seeds import initial_noise
+    from rldiff.core.denoisers import Condition, labels_for_seeds
+    from rldiff.core.sampler import Sampling
+    from rldiff.core.seeds import initial_noise
 
     b = args.batch
     seeds = list(range(10_000, 10_000 + b))
@@ -145,12 +148,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from rldiff.bandit import BanditPolicy
-    from rldiff.models import load_model
+    from rldiff.baselines.bandit import BanditPolicy
+    from rldiff.data.models import load_model
 
     denoiser = load_model("embedded", args.device)
     if args.policy:
-        from rldiff.learned_policy import LearnedPolicy
+        from rldiff.baselines.learned import LearnedPolicy
 
         learned = LearnedPolicy.load(args.policy)
     else:

@@ -39,8 +39,9 @@ def main() -> int:
 
     import torch
 
-    from rldiff.evaluate import EvaluateConfig, optimise_global_schedules, seed_set
-    from rldiff.models import load_model, visible_device
+    from rldiff.config import EvaluateConfig
+    from rldiff.data.models import load_model, visible_device
+    from rldiff.evaluation.protocol import optimise_global_schedules, seed_set
 
     torch.set_num_threads(1)
     device = visible_device() if args.device == "auto" else args.device

@@ -91,11 +91,11 @@ def concurrent(url: str, clients: int, per_client: int, budget: int) -> tuple[fl
 
 
 def bare_sampler(policy, batch: int, budget: int, repeats: int) -> float:
-    """Samples/s of ``rldiff.sampler.sample`` at ``batch`` samples and ``budget`` NFE."""
-    from rldiff.denoisers import Condition, labels_for_seeds
-    from rldiff.models import load_model
-    from rldiff.sampler import sample
-    from rldiff.seeds import initial_noise
+    """Samples/s of ``rldiff.core.sampler.sample`` at ``batch`` samples and ``budget`` NFE."""
+    from rldiff.core.denoisers import Condition, labels_for_seeds
+    from rldiff.core.sampler import sample
+    from rldiff.core.seeds import initial_noise
+    from rldiff.data.models import load_model
 
     denoiser = load_model("embedded")
     seeds = list(range(200_000, 200_000 + batch))
@@ -127,9 +127,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from rldiff.learned_policy import LearnedPolicy
+    from rldiff.baselines.learned import LearnedPolicy
+    from rldiff.rl.untrained import untrained_policy
     from rldiff.serving.app import build_app
-    from rldiff.serving.untrained import untrained_policy
 
     tmp = tempfile.TemporaryDirectory()
     root, policy = args.policy_root, args.policy

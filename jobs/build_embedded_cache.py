@@ -3,7 +3,7 @@
 What it does: runs the evaluation protocol on the embedded model at the default settings (which
 builds, or reuses from ``--cache``, the reference banks of the held-out and training seeds, the
 optimised global schedules and the baseline scores), then copies exactly those files into
-``rldiff/assets/embedded-cache/``, from where ``rldiff.shipped_cache.seed_cache`` puts them into a
+``rldiff/assets/embedded-cache/``, from where ``rldiff.data.shipped_cache.seed_cache`` puts them into a
 fresh cache so the main job does not spend its first ~25 minutes recomputing them.
 
 How to run (from the repository root)::
@@ -31,7 +31,10 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/rldiff"))
     args = parser.parse_args()
 
-    from rldiff.evaluate import (
+    from rldiff.data.models import EMBEDDED, load_model
+    from rldiff.data.reference import bank_path
+    from rldiff.data.shipped_cache import SCHEDULES, SHIPPED
+    from rldiff.evaluation.protocol import (
         MODEL_CHECK,
         EvaluateConfig,
         ScoreCache,
@@ -43,9 +46,6 @@ def main() -> int:
         schedule_cache_key,
         seed_set,
     )
-    from rldiff.models import EMBEDDED, load_model
-    from rldiff.reference import bank_path
-    from rldiff.shipped_cache import SCHEDULES, SHIPPED
 
     with tempfile.TemporaryDirectory() as out:
         cfg = EvaluateConfig(out=Path(out), cache=args.cache, bandit_rounds=0, ray="local")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags into a PretrainConfig and run the pretraining."""
-    from rldiff.pretrain import add_arguments, config_from_args, pretrain
+    from rldiff.data.pretrain import add_arguments, config_from_args, pretrain
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -5,7 +5,7 @@ expert's global schedule per NFE budget as the base schedule, builds the trainin
 trains router + experts (``moe``) with RLlib PPO (one progress line per iteration, TensorBoard
 event files, a checkpoint every ``--checkpoint-every`` iterations and at the end), then the
 ``ppo-single`` ablation (UniPC alone, step size only; ``--no-ablations`` skips it), exports both
-policies (loadable without Ray: ``rldiff.learned_policy.LearnedPolicy.load``), and runs the
+policies (loadable without Ray: ``rldiff.baselines.learned.LearnedPolicy.load``), and runs the
 evaluation protocol with them beside every baseline, the bandit included.
 
 How to run (from the repository root)::

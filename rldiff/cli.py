@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from rldiff import pretrain
+    from rldiff.data import pretrain
 
     pretrain.pretrain(pretrain.config_from_args(args))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rldiff import evaluate
+    from rldiff.evaluation import protocol as evaluate
 
     cfg = evaluate.config_from_args(args)
     evaluate.run_evaluation(cfg)
@@ -30,20 +30,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rldiff import train, train_args
+    from rldiff.rl import train, train_args
 
+    run = train_args.run_from_args(args)
     out = train.run_training(
         train_args.config_from_args(args),
-        args.out,
-        resume=args.resume,
-        evaluate=not args.no_evaluate,
-        eval_samples=args.eval_samples,
-        dashboard=args.dashboard,
-        ablations=args.ablations,
+        run.out,
+        resume=run.resume,
+        evaluate=run.evaluate,
+        eval_samples=run.eval_samples,
+        dashboard=run.dashboard,
+        ablations=run.ablations,
     )
     print(f"policy: {out['policy']}")
     if "evaluation" in out:
-        print(f"report: {args.out / 'evaluation' / 'report.md'}")
+        print(f"report: {run.out / 'evaluation' / 'report.md'}")
     return 0
 
 
@@ -54,13 +55,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rldiff import serve_command
+    from rldiff.serving import command as serve_command
 
     return serve_command.run(args)
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from rldiff import tune
+    from rldiff.search import tune
 
     return tune.run(args)
 
@@ -82,19 +83,19 @@ COMMANDS = (
     Command(
         "pretrain",
         "train the embedded digits UNet and the classifier",
-        "rldiff.pretrain",
+        "rldiff.data.pretrain",
         _pretrain,
     ),
     Command(
         "evaluate",
         "every baseline at every NFE budget: table + plots",
-        "rldiff.evaluate",
+        "rldiff.evaluation.protocol",
         _evaluate,
     ),
     Command(
         "train",
         "multi-agent PPO on the router + experts; export and evaluate the policy",
-        "rldiff.train_args",
+        "rldiff.rl.train_args",
         _train,
     ),
     Command(
@@ -107,13 +108,13 @@ COMMANDS = (
     Command(
         "serve",
         "serve a policy over HTTP with Ray Serve (127.0.0.1)",
-        "rldiff.serve_command",
+        "rldiff.serving.command",
         _serve,
     ),
     Command(
         "tune",
         "Ray Tune search over the training config; winner picked on held-out seeds",
-        "rldiff.tune",
+        "rldiff.search.tune",
         _tune,
     ),
 )
@@ -146,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reported(err: Exception) -> bool:
     """Errors printed as one line (no stack trace): missing files, bad values, unusable
-    reference banks (only ever raised once ``rldiff.reference`` is imported)."""
+    reference banks (only ever raised once ``rldiff.data.reference`` is imported)."""
     if isinstance(err, (FileNotFoundError, ValueError)):
         return True
-    reference = sys.modules.get("rldiff.reference")
+    reference = sys.modules.get("rldiff.data.reference")
     return reference is not None and isinstance(err, reference.ReferenceBankError)
 
 

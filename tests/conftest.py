@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def digits_gmm():
     """The exact Gaussian-mixture model of the 16x16 digits (one component per class)."""
-    from rldiff.data import load_digits16
-    from rldiff.gmm import GaussianMixtureDenoiser
+    from rldiff.core.gmm import GaussianMixtureDenoiser
+    from rldiff.data.digits import load_digits16
 
     images, labels = load_digits16("train")
     return GaussianMixtureDenoiser.fit(images, labels)
@@ -26,7 +26,7 @@ def digits_gmm():
 @pytest.fixture(scope="session")
 def small_gmm():
     """A 4-dimensional, 3-component mixture: exact, fast, and well conditioned for order tests."""
-    from rldiff.gmm import GaussianMixtureDenoiser
+    from rldiff.core.gmm import GaussianMixtureDenoiser
 
     g = torch.Generator().manual_seed(0)
     means = torch.randn(3, 4, generator=g, dtype=torch.float64)
@@ -74,7 +74,7 @@ def event_tags():
 def _tiny_train_config(cache: str, **changes):
     """A ``TrainConfig`` on the mixture model that trains in about a second per iteration, in
     the driver (no remote env runner): the shape every training and search test starts from."""
-    from rldiff.algo import TrainConfig
+    from rldiff.config import TrainConfig
 
     base = TrainConfig(
         model="gmm",

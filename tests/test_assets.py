@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from rldiff.classifier import load_classifier
-from rldiff.data import load_digits16
-from rldiff.denoisers import Condition, load_denoiser
-from rldiff.policies import fixed_policy
-from rldiff.sampler import sample
-from rldiff.seeds import initial_noise
+from rldiff.core.denoisers import Condition, load_denoiser
+from rldiff.core.policies import fixed_policy
+from rldiff.core.sampler import sample
+from rldiff.core.seeds import initial_noise
+from rldiff.data.classifier import load_classifier
+from rldiff.data.digits import load_digits16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_shipped_unet_draws_the_requested_digits():
     noise = initial_noise(range(n), (1, 16, 16))
     cond = Condition.make(torch.arange(n) % 10, 1.0)
     x0 = sample(
-        denoiser, fixed_policy("unipc", "logsnr-uniform", 10, denoiser.noise), noise, cond, 10
+        denoiser, fixed_policy("unipc", "logsnr-uniform", 10, denoiser.noise_table), noise, cond, 10
     ).x0
     with torch.no_grad():
         predicted = load_classifier()(x0.clamp(-1, 1)).argmax(1)

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from rldiff.bandit import BanditPolicy, train_bandit
-from rldiff.denoisers import Condition
-from rldiff.env import ENV_DEFAULTS, training_references
-from rldiff.models import load_model
-from rldiff.routing import BaseSchedule
-from rldiff.sampler import sample
-from rldiff.schedules import get_schedule
-from rldiff.seeds import initial_noise
-from rldiff.solvers import expert_index
+from rldiff.baselines.bandit import BanditPolicy, train_bandit
+from rldiff.core.denoisers import Condition
+from rldiff.core.routing import BaseSchedule
+from rldiff.core.sampler import sample
+from rldiff.core.schedules import get_schedule
+from rldiff.core.seeds import initial_noise
+from rldiff.core.solvers import expert_index
+from rldiff.data.models import load_model
+from rldiff.rl.env import env_defaults, training_references
 
 N_TRAIN = 32
 
@@ -22,7 +22,13 @@ def training(tmp_path_factory):
     """The exact GMM and its first N_TRAIN training seeds: (denoiser, reference, noise, cond)."""
     denoiser = load_model("gmm")
     cache = str(tmp_path_factory.mktemp("bandit-cache"))
-    cfg = {**ENV_DEFAULTS, "n_train": N_TRAIN, "reference_steps": 100, "cache": cache}
+    cfg = {
+        **env_defaults(),
+        "model": "gmm",
+        "n_train": N_TRAIN,
+        "reference_steps": 100,
+        "cache": cache,
+    }
     reference = training_references(denoiser, cfg)[1.0]
     seeds = list(range(N_TRAIN))
     noise = initial_noise(seeds, tuple(reference.shape[1:]))
@@ -45,7 +51,7 @@ def test_prefers_the_clearly_better_arm(training):
 def test_greedy_policy_respects_budgets_and_round_trips(training, tmp_path):
     denoiser, reference, noise, cond = training
     budgets = [3, 5, 8]
-    base = BaseSchedule.make({b: get_schedule("karras", b, denoiser.noise) for b in budgets})
+    base = BaseSchedule.make({b: get_schedule("karras", b, denoiser.noise_table) for b in budgets})
     bandit = train_bandit(denoiser, reference, noise, cond, budgets, base, rounds=3, epsilon=0.2)
     budget = torch.tensor([3, 5, 8, 8, 5, 3, 3, 5] * 2)
     run = sample(denoiser, bandit, noise[:16], cond[:16], budget)

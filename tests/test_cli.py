@@ -86,10 +86,10 @@ def test_help_works_with_ray_serve_unimportable(command, flags):
     for flag in flags:
         assert flag in out
     assert not any(
-        m.startswith(("ray.serve", "rldiff.serving", "rldiff.serve_command")) for m in modules
+        m.startswith(("ray.serve", "rldiff.serving", "rldiff.serving.command")) for m in modules
     )
     if command == "train":
-        assert "rldiff.train" not in modules  # flags only: the training code loads to run
+        assert "rldiff.rl.train" not in modules  # flags only: the training code loads to run
 
 
 def test_the_serve_blocker_really_blocks_serve():

@@ -434,9 +434,10 @@ def node_loss_scenario(workdir: Path) -> dict:
     import torch
     from ray.cluster_utils import Cluster
 
-    from rldiff.algo import TrainConfig, build_config
-    from rldiff.env import training_references
-    from rldiff.models import load_model
+    from rldiff.config import TrainConfig
+    from rldiff.data.models import load_model
+    from rldiff.rl.algo import build_config
+    from rldiff.rl.env import training_references
 
     torch.set_num_threads(1)
     cluster = Cluster(

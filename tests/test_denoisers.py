@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rldiff.denoisers import UNCONDITIONAL, Condition, DiffusersDenoiser, load_denoiser
-from rldiff.gmm import GaussianMixtureDenoiser
-from rldiff.noise import DiscreteVP
+from rldiff.core.denoisers import UNCONDITIONAL, Condition, DiffusersDenoiser, load_denoiser
+from rldiff.core.gmm import GaussianMixtureDenoiser
+from rldiff.core.noise import DiscreteVP
 
 F64 = torch.float64
 
@@ -231,11 +231,11 @@ def test_load_denoiser_round_trip(unet, batch, tmp_path):
     assert den.prediction_type == "v_prediction"
     assert den.null_class == NULL and den.sample_shape == (1, 8, 8)
     ac = DDPMScheduler(**config).alphas_cumprod.to(F64)
-    assert den.noise.num_train_timesteps == 500
-    assert torch.allclose(1 / (1 + den.noise.sigmas**2), ac, rtol=1e-5)  # float32 there
+    assert den.noise_table.num_train_timesteps == 500
+    assert torch.allclose(1 / (1 + den.noise_table.sigmas**2), ac, rtol=1e-5)  # float32 there
     x, sigma = batch
     cond = Condition.make([0, 1, UNCONDITIONAL, 1, 0], [1.0, 2.0, 1.0, 1.0, 0.5])
-    reference = DiffusersDenoiser(unet, den.noise, "v_prediction")
+    reference = DiffusersDenoiser(unet, den.noise_table, "v_prediction")
     assert torch.equal(den(x, sigma, cond), reference(x, sigma, cond))
     # the pipeline layout: unet/ and scheduler/ subfolders
     pipe = tmp_path / "pipe"
@@ -254,7 +254,7 @@ def test_load_denoiser_reads_other_beta_schedules(unet, tmp_path):
     den = load_denoiser(tmp_path)
     assert den.prediction_type == "epsilon"
     ac = DDPMScheduler(**config).alphas_cumprod.to(F64)
-    assert torch.allclose(1 / (1 + den.noise.sigmas**2), ac, rtol=1e-5)
+    assert torch.allclose(1 / (1 + den.noise_table.sigmas**2), ac, rtol=1e-5)
     cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
     cfg["beta_schedule"] = "exponential"  # not a diffusers beta schedule
     (tmp_path / "scheduler_config.json").write_text(json.dumps(cfg))

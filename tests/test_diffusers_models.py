@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rldiff.denoisers import UNCONDITIONAL, Condition, labels_for_seeds, load_denoiser
-from rldiff.noise import DiscreteVP
-from rldiff.schedules import get_schedule
+from rldiff.core.denoisers import UNCONDITIONAL, Condition, labels_for_seeds, load_denoiser
+from rldiff.core.noise import DiscreteVP
+from rldiff.core.schedules import get_schedule
 
 F64 = torch.float64
 SCHEDULE_CONFIGS = {
@@ -81,11 +81,11 @@ def test_any_model_loads_with_diffusers_table(
     den = load_denoiser(path)
     assert den.prediction_type == prediction_type and den.sample_shape == (1, 8, 8)
     want = diffusers_sigmas(config)
-    assert len(den.noise.sigmas) == len(want) and den.noise.sigmas.dtype == F64
-    assert ((den.noise.sigmas - want).abs() / want).max() <= 1e-12
-    json.dumps(den.noise.config, allow_nan=False)  # JSON, the inputs as given
+    assert len(den.noise_table.sigmas) == len(want) and den.noise_table.sigmas.dtype == F64
+    assert ((den.noise_table.sigmas - want).abs() / want).max() <= 1e-12
+    json.dumps(den.noise_table.config, allow_nan=False)  # JSON, the inputs as given
     for key, value in config.items():
-        assert den.noise.config[key] == value
+        assert den.noise_table.config[key] == value
     # labels come from the model: its classes, or none at all
     seeds = [3, 10, 17, 4]
     labels = labels_for_seeds(seeds, den.num_classes)
@@ -94,7 +94,7 @@ def test_any_model_loads_with_diffusers_table(
     else:
         assert den.num_classes == 0 and labels == [UNCONDITIONAL] * 4
     # one call at the ends of the range and in between, with guidance where there are classes
-    noise = den.noise
+    noise = den.noise_table
     sigma = torch.tensor(
         [noise.sigma_min, 1.0, noise.sigma_max, noise.sigma_trained_max], dtype=F64
     )
@@ -108,8 +108,8 @@ def test_cosine_start_is_clipped_as_dpm_solver_does():
     """The clipped cosine table ends in a jump (sigma ~640 -> ~20,300); sampling starts where
     DPMSolverMultistepScheduler starts with lambda_min_clipped = -5.1, and every schedule and the
     sampler start there, while the t <-> sigma map still covers the whole table."""
-    from rldiff.gmm import GaussianMixtureDenoiser
-    from rldiff.sampler import Sampling
+    from rldiff.core.gmm import GaussianMixtureDenoiser
+    from rldiff.core.sampler import Sampling
 
     config = {"beta_schedule": "squaredcos_cap_v2"}
     noise = DiscreteVP.from_scheduler_config(config)
@@ -126,7 +126,7 @@ def test_cosine_start_is_clipped_as_dpm_solver_does():
     assert noise.sigma_to_t(noise.sigmas[[995, 998, 999]]).tolist() == [995, 998, 999]
     assert noise.t_to_sigma(torch.tensor([999.0])).item() == pytest.approx(20291.3, rel=1e-4)
     gmm = GaussianMixtureDenoiser(
-        torch.zeros(2, 3, dtype=F64), torch.eye(3, dtype=F64).expand(2, 3, 3), noise=noise
+        torch.zeros(2, 3, dtype=F64), torch.eye(3, dtype=F64).expand(2, 3, 3), noise_table=noise
     )
     batch = Sampling(gmm, torch.ones(2, 3, dtype=F64), Condition.make(-1, batch=2), 4)
     assert batch.sigma.tolist() == [noise.sigma_max] * 2
@@ -159,7 +159,7 @@ def test_lambda_min_clipped_from_the_config_is_honoured(config, clip):
 
 def test_the_embedded_table_starts_at_its_last_timestep():
     """Linear betas: no clipping, so the embedded model starts where it always did."""
-    noise = load_denoiser().noise
+    noise = load_denoiser().noise_table
     assert noise.t_start == 999 and noise.sigma_max == float(noise.sigmas[-1])
     assert noise.config == {
         "beta_schedule": "linear",
@@ -206,14 +206,14 @@ def test_labels_for_seeds(small_gmm):
 
 def test_unconditional_labels_in_the_routing_features(small_gmm):
     """An unconditional model's labels take the class one-hot's 'no class' slot."""
-    from rldiff.routing import OBS_DIM, K, observation_vector
-    from rldiff.sampler import Sampling
+    from rldiff.core.routing import N_EXPERTS, OBS_DIM, observation_vector
+    from rldiff.core.sampler import Sampling
 
     cond = Condition.make(labels_for_seeds(range(3), 0))
     obs = Sampling(small_gmm, torch.randn(3, 4, dtype=F64), cond, 4).observe()
     features = observation_vector(obs, torch.zeros(3, dtype=F64), 0.0)
     assert features.shape == (3, OBS_DIM)
-    one_hot = features[:, 8 + K + 1 : 8 + K + 1 + 11]
+    one_hot = features[:, 8 + N_EXPERTS + 1 : 8 + N_EXPERTS + 1 + 11]
     assert (one_hot[:, 10] == 1).all() and one_hot.sum() == 3
 
 
@@ -256,9 +256,9 @@ def test_evaluate_a_cosine_v_prediction_model_without_a_metric_network(tmp_path,
 def test_metric_network_choice(tmp_path):
     """FD / confidence only where a network knows the data: the digit models by default, any
     model whose samples a named network takes, nothing otherwise."""
-    from rldiff.classifier import DEFAULT_CLASSIFIER_DIR
-    from rldiff.denoisers import DEFAULT_MODEL_DIR
-    from rldiff.metrics import DigitMetrics, distribution_metrics, metric_network_id
+    from rldiff.core.denoisers import DEFAULT_MODEL_DIR
+    from rldiff.data.classifier import DEFAULT_CLASSIFIER_DIR
+    from rldiff.evaluation.quality import DigitMetrics, distribution_metrics, metric_network_id
 
     assert isinstance(distribution_metrics("gmm"), DigitMetrics)
     assert isinstance(distribution_metrics("embedded"), DigitMetrics)

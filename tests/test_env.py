@@ -4,19 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from rldiff.env import RoutingEnv
-from rldiff.policies import FixedSchedulePolicy
-from rldiff.routing import (
+from rldiff.core.policies import FixedSchedulePolicy
+from rldiff.core.routing import (
+    N_EXPERTS,
     OBS_DIM,
     BaseSchedule,
     BaseSchedulePolicy,
-    K,
     decision_from_actions,
     one_step_along,
 )
-from rldiff.sampler import sample
-from rldiff.schedules import get_schedule
-from rldiff.solvers import EXPERT_NAMES, expert_index
+from rldiff.core.sampler import sample
+from rldiff.core.schedules import get_schedule
+from rldiff.core.solvers import EXPERT_NAMES, expert_index
+from rldiff.rl.env import RoutingEnv
 
 UNIPC = expert_index("unipc")
 
@@ -56,10 +56,10 @@ def test_passes_rllib_multiagent_checks(env_config):
 
     env = RoutingEnv(env_config)
     check_multiagent_environments(env)
-    assert len(env.possible_agents) == env.batch_size * (1 + K)
+    assert len(env.possible_agents) == env.batch_size * (1 + N_EXPERTS)
     assert env.observation_spaces["router_0"].shape == (OBS_DIM,)
-    assert env.action_spaces["router_0"].n == K
-    assert env.action_spaces[f"expert{K - 1}_0"].shape == (2,)
+    assert env.action_spaces["router_0"].n == N_EXPERTS
+    assert env.action_spaces[f"expert{N_EXPERTS - 1}_0"].shape == (2,)
 
 
 def test_random_rollout_respects_budgets(env_config):
@@ -84,7 +84,7 @@ def test_zero_actions_reproduce_the_base_schedule(env_config, schedules):
     """Router on the base expert, zero expert actions: the base schedule itself, reward -cost*NFE."""
     budgets = env_config.get("budgets", [3, 4, 5, 6, 8, 10])
     env = RoutingEnv(env_config)
-    noise_table = env.denoiser.noise
+    noise_table = env.denoiser.noise_table
     table = {b: get_schedule(schedules or "logsnr-uniform", b, noise_table) for b in budgets}
     cfg = {**env_config, "cost_per_nfe": 0.01}
     if schedules:
@@ -130,16 +130,16 @@ def test_step_action_scales_the_log_step(env_config):
             (obs.sigma / d.sigma_next).log()[inside], (h_base * factor)[inside]
         )
     stochastic = decision_from_actions(
-        obs, [K - 1] * b, np.tile([0.0, 0.5], (b, 1)), BaseSchedule()
+        obs, [N_EXPERTS - 1] * b, np.tile([0.0, 0.5], (b, 1)), BaseSchedule()
     )
-    assert torch.allclose(stochastic.noise, torch.full((b,), 0.75, dtype=torch.float64))
+    assert torch.allclose(stochastic.eta, torch.full((b,), 0.75, dtype=torch.float64))
     policy = BaseSchedulePolicy("unipc", BaseSchedule())
     assert torch.equal(policy.act(obs).sigma_next, base_next)
 
 
 def tiny_config(tiny_train_config, env_config, **changes):
     """The tests' tiny training config on this module's env settings (every budget)."""
-    from rldiff.algo import TrainConfig
+    from rldiff.config import TrainConfig
 
     return tiny_train_config(
         env_config["cache"],
@@ -151,7 +151,7 @@ def tiny_config(tiny_train_config, env_config, **changes):
 
 
 def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
-    from rldiff.algo import build_config, policy_mapping_fn
+    from rldiff.rl.algo import build_config, policy_mapping_fn
 
     assert policy_mapping_fn("router_3", None) == "router"
     assert policy_mapping_fn("expert4_11", None) == "expert_4"
@@ -166,7 +166,7 @@ def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
         assert np.isfinite(metrics[key]), key
     usage = [metrics["expert_usage"][n] for n in EXPERT_NAMES]
     assert sum(usage) == pytest.approx(1.0)
-    assert 0 < metrics["router_entropy"] <= np.log(K) + 1e-6
+    assert 0 < metrics["router_entropy"] <= np.log(N_EXPERTS) + 1e-6
     assert "router" in results[-1]["learners"]
 
 
@@ -198,7 +198,7 @@ def test_expert_subset_maps_router_actions(env_config):
 
 
 def test_ppo_single_expert_smoke(ray_local, env_config, tiny_train_config):
-    from rldiff.algo import build_config, module_ids
+    from rldiff.rl.algo import build_config, module_ids
 
     assert module_ids(["unipc"]) == (f"expert_{UNIPC}",)
     assert module_ids(["unipc", "euler"]) == ("router", f"expert_{UNIPC}", "expert_0")

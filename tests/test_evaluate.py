@@ -6,12 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rldiff.baselines.global_schedule import optimise_schedule
 from rldiff.cli import main
-from rldiff.evaluate import EVAL_SEED_OFFSET, EvaluateConfig, policy_specs
-from rldiff.global_schedule import SearchConfig, optimise_schedule
-from rldiff.policies import fixed_policy
-from rldiff.sampler import sample
-from rldiff.seeds import initial_noise
+from rldiff.config import EvaluateConfig, SearchConfig
+from rldiff.core.policies import fixed_policy
+from rldiff.core.sampler import sample
+from rldiff.core.seeds import initial_noise
+from rldiff.evaluation.protocol import EVAL_SEED_OFFSET, policy_specs
 
 REQUIRED_COLUMNS = {
     "policy", "budget", "mean_nfe", "max_nfe", "rmse_mean", "rmse_p90", "fd", "confidence",
@@ -73,7 +74,7 @@ def test_global_schedule_never_worse_than_its_start_on_training_seeds(evaluated)
 
 
 def test_cached_references_and_schedules_are_reused(evaluated, monkeypatch):
-    import rldiff.evaluate as ev
+    import rldiff.evaluation.protocol as ev
 
     def fail(*args, **kwargs):
         raise AssertionError("the global schedule search ran again despite the cache")
@@ -88,7 +89,7 @@ def test_cached_references_and_schedules_are_reused(evaluated, monkeypatch):
 
 def test_evaluation_seeds_are_disjoint_from_optimisation_seeds(evaluated):
     """The banks the run built: held-out seeds from EVAL_SEED_OFFSET, optimisation seeds below."""
-    from rldiff.reference import load_reference
+    from rldiff.data.reference import load_reference
 
     banks = {
         p.name.split("-")[2]: load_reference(p) for p in (evaluated / "cache").glob("*.parquet")
@@ -99,16 +100,20 @@ def test_evaluation_seeds_are_disjoint_from_optimisation_seeds(evaluated):
 
 
 def test_optimised_schedule_improves_a_poor_start(small_gmm):
-    from rldiff.denoisers import Condition
+    from rldiff.core.denoisers import Condition
 
     noise = initial_noise(range(16), (4,), torch.float64)
     cond = Condition.make(-1, 1.0, batch=16)
     ref = sample(
-        small_gmm, fixed_policy("unipc", "logsnr-uniform", 300, small_gmm.noise), noise, cond, 300
+        small_gmm,
+        fixed_policy("unipc", "logsnr-uniform", 300, small_gmm.noise_table),
+        noise,
+        cond,
+        300,
     ).x0
     found = optimise_schedule(small_gmm, "euler", 4, noise, cond, ref, SearchConfig(rounds=2))
     assert found.train_rmse < found.start_rmse
-    assert float(found.sigmas[0]) == pytest.approx(small_gmm.noise.sigma_max)
+    assert float(found.sigmas[0]) == pytest.approx(small_gmm.noise_table.sigma_max)
     assert found.sigmas[-1] == 0
 
 

@@ -8,18 +8,18 @@ from types import SimpleNamespace
 
 import torch
 
-from rldiff.fingerprint import model_fingerprint
-from rldiff.gmm import GaussianMixtureDenoiser
-from rldiff.noise import DiscreteVP
+from rldiff.core.fingerprint import model_fingerprint
+from rldiff.core.gmm import GaussianMixtureDenoiser
+from rldiff.core.noise import DiscreteVP
 
 CAPABILITIES = ("default", "avx2", "avx512")  # torch falls back to the best the CPU has
 
 PROBE = """
 import json, torch
-from rldiff.fingerprint import model_fingerprint
-from rldiff.models import EMBEDDED, EXACT_GMM, load_model
-from rldiff.reference import bank_path
-from rldiff.shipped_cache import SHIPPED
+from rldiff.core.fingerprint import model_fingerprint
+from rldiff.data.models import EMBEDDED, EXACT_GMM, load_model
+from rldiff.data.reference import bank_path
+from rldiff.data.shipped_cache import SHIPPED
 embedded = load_model(EMBEDDED)
 banks = [bank_path(SHIPPED, embedded, n, k, 1.0, 200).exists() for n, k in (("eval", 512), ("train", 128))]
 print(json.dumps({
@@ -50,7 +50,7 @@ def test_fingerprints_and_shipped_inputs_are_the_same_under_every_cpu_capability
 
 
 def test_one_changed_weight_changes_the_fingerprint():
-    from rldiff.models import EMBEDDED, load_model
+    from rldiff.data.models import EMBEDDED, load_model
 
     model = load_model.__wrapped__(EMBEDDED)  # a private copy: the cached one stays untouched
     before = model_fingerprint(model)
@@ -65,18 +65,20 @@ def test_unet_fingerprint_covers_state_dict_prediction_type_and_noise_config():
     """The ``.unet`` branch (as in ``DiffusersDenoiser``), with a plain module standing in for the
     UNet: importing diffusers would dominate this test's runtime."""
 
-    def model(seed, prediction_type="epsilon", noise=None):
+    def model(seed, prediction_type="epsilon", noise_table=None):
         torch.manual_seed(seed)
         unet = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4))
         return SimpleNamespace(
-            unet=unet, prediction_type=prediction_type, noise=noise or DiscreteVP.linear_betas()
+            unet=unet,
+            prediction_type=prediction_type,
+            noise_table=noise_table or DiscreteVP.linear_betas(),
         )
 
     assert model_fingerprint(model(0)) == model_fingerprint(model(0))
     assert model_fingerprint(model(1)) != model_fingerprint(model(0))
     assert model_fingerprint(model(0, "v_prediction")) != model_fingerprint(model(0))
     other_table = DiscreteVP.linear_betas(beta_end=0.012)
-    assert model_fingerprint(model(0, noise=other_table)) != model_fingerprint(model(0))
+    assert model_fingerprint(model(0, noise_table=other_table)) != model_fingerprint(model(0))
 
 
 def test_gmm_fingerprint_covers_its_inputs():
@@ -93,7 +95,7 @@ def test_gmm_fingerprint_covers_its_inputs():
         GaussianMixtureDenoiser(means, covs, weights.flip(0)),
         GaussianMixtureDenoiser(means, covs * 1.01, weights),
         GaussianMixtureDenoiser(
-            means, covs, weights, noise=DiscreteVP.linear_betas(beta_end=0.012)
+            means, covs, weights, noise_table=DiscreteVP.linear_betas(beta_end=0.012)
         ),
         GaussianMixtureDenoiser(means, covs, weights, dtype=torch.float32),
     ]
@@ -101,7 +103,7 @@ def test_gmm_fingerprint_covers_its_inputs():
 
 
 def test_fitted_gmm_fingerprint_covers_data_and_ridge(digits_gmm):
-    from rldiff.data import load_digits16
+    from rldiff.data.digits import load_digits16
 
     images, labels = load_digits16("train")
     assert model_fingerprint(GaussianMixtureDenoiser.fit(images, labels)) == model_fingerprint(

@@ -14,21 +14,25 @@ import textwrap
 from pathlib import Path
 
 CORE = [  # torch only: not even Ray
-    "rldiff.routing",
-    "rldiff.noise",
-    "rldiff.seeds",
-    "rldiff.solvers",
-    "rldiff.schedules",
-    "rldiff.denoisers",
-    "rldiff.gmm",
-    "rldiff.sampler",
-    "rldiff.policies",
-    "rldiff.fingerprint",
-    "rldiff.reference",
-    "rldiff.metrics",
-    "rldiff.policy_net",
-    "rldiff.bandit",
-    "rldiff.learned_policy",
+    "rldiff.core.routing",
+    "rldiff.core.noise",
+    "rldiff.core.seeds",
+    "rldiff.core.solvers",
+    "rldiff.core.schedules",
+    "rldiff.core.denoisers",
+    "rldiff.core.gmm",
+    "rldiff.core.sampler",
+    "rldiff.core.policies",
+    "rldiff.core.fingerprint",
+    "rldiff.core.error",
+    "rldiff.data.reference",
+    "rldiff.evaluation.quality",
+    "rldiff.core.policy_net",
+    "rldiff.baselines.bandit",
+    "rldiff.baselines.learned",
+    "rldiff.baselines.specs",
+    "rldiff.baselines.global_schedule",
+    "rldiff.config",
 ]
 SERVING = [  # Ray Serve, never RLlib
     "rldiff.serving.app",
@@ -52,17 +56,17 @@ for name in SERVING:
 import numpy as np
 import torch
 
-from rldiff.bandit import BanditPolicy
-from rldiff.denoisers import Condition
-from rldiff.fingerprint import model_fingerprint
-from rldiff.learned_policy import LearnedPolicy, write_policy
-from rldiff.models import load_model
-from rldiff.policy_net import NetSpec, PolicyNet
-from rldiff.routing import OBS_DIM, BaseSchedule
-from rldiff.sampler import sample
-from rldiff.seeds import initial_noise
+from rldiff.baselines.bandit import BanditPolicy
+from rldiff.core.denoisers import Condition
+from rldiff.core.fingerprint import model_fingerprint
+from rldiff.baselines.learned import LearnedPolicy, write_policy
+from rldiff.data.models import load_model
+from rldiff.core.policy_net import NetSpec, PolicyNet
+from rldiff.core.routing import OBS_DIM, BaseSchedule
+from rldiff.core.sampler import sample
+from rldiff.core.seeds import initial_noise
 from rldiff.serving.catalog import Catalog
-from rldiff.solvers import expert_index
+from rldiff.core.solvers import expert_index
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

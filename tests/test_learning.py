@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from rldiff.algo import TrainConfig
-from rldiff.evaluate import EVAL_SEED_OFFSET, PolicySpec, score_policy, seed_set
-from rldiff.models import load_model
-from rldiff.train import evaluation_config, run_training
+from rldiff.baselines.specs import PolicySpec
+from rldiff.config import TrainConfig
+from rldiff.data.models import load_model
+from rldiff.evaluation.protocol import EVAL_SEED_OFFSET, score_policy, seed_set
+from rldiff.rl.train import evaluation_config, run_training
 
 # One budget: at 6 NFE a short run has room to beat the global schedule (at 4 NFE it takes longer
 # than a slow test may run).

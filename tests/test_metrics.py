@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from rldiff.classifier import DEFAULT_CLASSIFIER_DIR, DigitClassifier, load_classifier
-from rldiff.denoisers import UNCONDITIONAL
-from rldiff.metrics import (
+from rldiff.core.denoisers import UNCONDITIONAL
+from rldiff.core.error import rmse_per_sample
+from rldiff.data.classifier import DEFAULT_CLASSIFIER_DIR, DigitClassifier, load_classifier
+from rldiff.evaluation.quality import (
     DigitMetrics,
     FeatureStats,
     feature_stats,
     frechet_distance_stats,
-    rmse_per_sample,
 )
 
 
@@ -132,7 +132,7 @@ def test_real_floor_is_cached_and_below_noise(metrics):
     assert floor is metrics.real_floor()
     assert floor.count == 360 and 0 <= floor.confidence <= 1 and math.isfinite(floor.fd)
     assert metrics.fd(_noise_images(360, 7)) > floor.fd
-    from rldiff.data import load_digits16
+    from rldiff.data.digits import load_digits16
 
     train, _ = load_digits16("train")
     assert metrics.fd(train) == 0.0  # the reference split against its own statistics

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import rldiff.reference as reference_module
-from rldiff.denoisers import Condition
-from rldiff.fingerprint import model_fingerprint
-from rldiff.gmm import GaussianMixtureDenoiser
-from rldiff.reference import (
+import rldiff.data.reference as reference_module
+from rldiff.core.denoisers import Condition
+from rldiff.core.fingerprint import model_fingerprint
+from rldiff.core.gmm import GaussianMixtureDenoiser
+from rldiff.data.reference import (
     ReferenceAccuracyError,
     ReferenceBankError,
     build_reference,

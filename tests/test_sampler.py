@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from rldiff.denoisers import Condition
-from rldiff.policies import Decision, FixedSchedulePolicy
-from rldiff.sampler import MAX_STEPS, sample
-from rldiff.schedules import get_schedule, karras
-from rldiff.seeds import initial_noise
-from rldiff.solvers import EXPERT_NAMES, EXPERTS, expert_index
+from rldiff.core.denoisers import Condition
+from rldiff.core.policies import Decision, FixedSchedulePolicy
+from rldiff.core.sampler import MAX_STEPS, sample
+from rldiff.core.schedules import get_schedule, karras
+from rldiff.core.seeds import initial_noise
+from rldiff.core.solvers import EXPERT_NAMES, EXPERTS, expert_index
 
 F64 = torch.float64
 UNLIMITED = 10**6
@@ -45,7 +45,7 @@ class Counting:
     """Wraps a denoiser and logs each call's batch size and sigmas."""
 
     def __init__(self, inner, log):
-        self.inner, self.noise, self.log = inner, inner.noise, log
+        self.inner, self.noise_table, self.log = inner, inner.noise_table, log
 
     def __call__(self, x, sigma, cond):
         self.log.append(("call", len(x)))
@@ -90,7 +90,7 @@ def mixed_plans(noise_map):
 
 
 def test_batch_equals_each_sample_alone(digits_gmm):
-    plans = mixed_plans(digits_gmm.noise)
+    plans = mixed_plans(digits_gmm.noise_table)
     seeds = [11, 22, 33, 44, 55]
     b = len(seeds)
     noise = initial_noise(seeds, digits_gmm.sample_shape, F64)
@@ -120,7 +120,7 @@ def test_batch_equals_each_sample_alone(digits_gmm):
 
 
 def test_batch_is_independent_of_order(small_gmm):
-    plans = mixed_plans(small_gmm.noise)
+    plans = mixed_plans(small_gmm.noise_table)
     seeds = [7, 8, 9, 10, 11]
     noise = initial_noise(seeds, (4,), F64)
     cond = Condition.make([-1, 0, 1, 2, -1], [1, 1, 2.0, 1, 0.0])
@@ -149,7 +149,7 @@ def test_nfe_counts_every_network_evaluation(small_gmm, solver):
         log = []
         res = sample(
             Counting(small_gmm, log),
-            FixedSchedulePolicy(solver, karras(n, small_gmm.noise), eta=0.5),
+            FixedSchedulePolicy(solver, karras(n, small_gmm.noise_table), eta=0.5),
             noise,
             cond,
             UNLIMITED,
@@ -218,7 +218,7 @@ def test_policy_cannot_stall_or_go_back(small_gmm):
 
 def test_samples_finish_independently(small_gmm):
     lengths = [2, 5, 9]
-    plans = [plan(karras(n, small_gmm.noise), "dpmpp-2m") for n in lengths]
+    plans = [plan(karras(n, small_gmm.noise_table), "dpmpp-2m") for n in lengths]
     noise = initial_noise(range(3), (4,), F64)
     log = []
     res = sample(
@@ -239,7 +239,7 @@ def test_samples_finish_independently(small_gmm):
 def test_one_denoiser_call_per_stage(small_gmm):
     """Heun and the one-evaluation solvers mixed in one batch: at most two calls per sampler step
     (the shared evaluation, then one call serving every Heun correction)."""
-    noise_map = small_gmm.noise
+    noise_map = small_gmm.noise_table
     plans = [
         plan(karras(4, noise_map), "heun"),
         plan(karras(6, noise_map), "euler"),
@@ -278,7 +278,7 @@ def test_one_denoiser_call_per_stage(small_gmm):
 
 
 def test_schedule_reports_the_steps(small_gmm):
-    plans = mixed_plans(small_gmm.noise)
+    plans = mixed_plans(small_gmm.noise_table)
     seeds = list(range(len(plans)))
     res = sample(
         small_gmm,
@@ -291,15 +291,15 @@ def test_schedule_reports_the_steps(small_gmm):
     for i, p in enumerate(plans):
         steps = res.schedule(i)
         assert len(steps) == len(p)
-        sigma = small_gmm.noise.sigma_max
+        sigma = small_gmm.noise_table.sigma_max
         nfe = 0
         for row, (expert, nxt, eta) in zip(steps, p, strict=True):
             nfe += 1 + (EXPERTS[expert_index(expert)].extra_nfe if nxt > 0 else 0)
-            assert set(row) == {"sigma", "sigma_next", "expert", "noise", "nfe", "confidence"}
+            assert set(row) == {"sigma", "sigma_next", "expert", "eta", "nfe", "confidence"}
             assert row["sigma"] == pytest.approx(sigma, rel=1e-15)
             assert row["sigma_next"] == pytest.approx(nxt, rel=1e-15)
             assert row["expert"] == expert_index(expert)
-            assert row["noise"] == eta
+            assert row["eta"] == eta
             assert row["nfe"] == nfe
             assert 0.5 <= row["confidence"] <= 0.9
             sigma = row["sigma_next"]
@@ -308,7 +308,7 @@ def test_schedule_reports_the_steps(small_gmm):
     # without a confidence the key is absent
     fixed = sample(
         small_gmm,
-        FixedSchedulePolicy("heun", karras(3, small_gmm.noise)),
+        FixedSchedulePolicy("heun", karras(3, small_gmm.noise_table)),
         initial_noise([0], (4,), F64),
         Condition.make(-1),
         UNLIMITED,

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from rldiff.denoisers import Condition
-from rldiff.noise import DiscreteVP
-from rldiff.policies import FixedSchedulePolicy, fixed_policy
-from rldiff.sampler import sample
-from rldiff.schedules import SCHEDULES, get_schedule, karras, logsnr_uniform
-from rldiff.solvers import EXPERT_NAMES, steps_for_budget
+from rldiff.core.denoisers import Condition
+from rldiff.core.noise import DiscreteVP
+from rldiff.core.policies import FixedSchedulePolicy, fixed_policy
+from rldiff.core.sampler import sample
+from rldiff.core.schedules import SCHEDULES, get_schedule, karras, logsnr_uniform
+from rldiff.core.solvers import EXPERT_NAMES, steps_for_budget
 
 NOISE = DiscreteVP.linear_betas()
 EDM = DiscreteVP(torch.tensor([0.002, 80.0], dtype=torch.float64))  # EDM's range (Karras et al.)
@@ -91,7 +91,7 @@ def test_steps_for_budget_fits_the_sampler(small_gmm, solver):
     noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cond = Condition.make(-1, batch=2)
     for budget in (1, 2, 5, 8):
-        policy = fixed_policy(solver, "karras", budget, small_gmm.noise)
+        policy = fixed_policy(solver, "karras", budget, small_gmm.noise_table)
         res = sample(small_gmm, policy, noise, cond, budget)
         want = budget if solver != "heun" else 2 * steps_for_budget(solver, budget) - 1
         assert res.nfe.tolist() == [want, want]

@@ -17,18 +17,18 @@ import pytest
 import torch
 import yaml
 
-from rldiff.denoisers import Condition
-from rldiff.evaluate import PolicySpec
-from rldiff.models import load_model
-from rldiff.sampler import sample
-from rldiff.schedules import get_schedule
-from rldiff.seeds import initial_noise
+from rldiff.baselines.specs import PolicySpec
+from rldiff.core.denoisers import Condition
+from rldiff.core.sampler import sample
+from rldiff.core.schedules import get_schedule
+from rldiff.core.seeds import initial_noise
+from rldiff.core.solvers import EXPERT_NAMES, steps_for_budget
+from rldiff.data.models import load_model
 from rldiff.serving.auth import ApiKey
 from rldiff.serving.catalog import Catalog, default_hand_built
 from rldiff.serving.engine import check_job, run_jobs
 from rldiff.serving.explain import explain
 from rldiff.serving.schemas import Limits, RequestProblem, check_batch, check_generate
-from rldiff.solvers import EXPERT_NAMES, steps_for_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (4, 6)
@@ -45,11 +45,11 @@ def policy_root(tmp_path_factory, gmm):
     """``good/policy`` (untrained, base schedules: logSNR schedules for budgets 4 and 6) with an
     evaluation beside it, ``copy/policy`` (the same policy elsewhere), ``broken/policy``,
     ``other-model/policy`` (trained on another model, as far as its fingerprint says)."""
-    from rldiff.serving.untrained import untrained_policy
+    from rldiff.rl.untrained import untrained_policy
 
     root = tmp_path_factory.mktemp("policies")
     schedules = {
-        b: get_schedule("logsnr-uniform", steps_for_budget("unipc", b), gmm.noise).tolist()
+        b: get_schedule("logsnr-uniform", steps_for_budget("unipc", b), gmm.noise_table).tolist()
         for b in BUDGETS
     }
     untrained_policy(root / "good" / "policy", "gmm", BUDGETS, schedules)
@@ -162,7 +162,8 @@ def test_api_key_is_checked_in_constant_time_and_never_shown(tmp_path, monkeypat
 def test_app_arguments_and_the_serve_command_fail_clearly(tmp_path, monkeypatch):
     import argparse
 
-    from rldiff import serve_command
+    from rldiff.config import ServeRun, from_flags
+    from rldiff.serving import command as serve_command
     from rldiff.serving.app import build_app
 
     with pytest.raises(ValueError, match="max_samples <= max_batch_samples"):
@@ -174,7 +175,8 @@ def test_app_arguments_and_the_serve_command_fail_clearly(tmp_path, monkeypatch)
     with pytest.raises(SystemExit):
         parser.parse_args(["--port", "70000"])
     args = parser.parse_args(["--policy-root", str(tmp_path), "--require-api-key"])
-    assert args.host == "127.0.0.1" and args.port == 8000
+    server = from_flags(ServeRun, args)
+    assert server.host == "127.0.0.1" and server.port == 8000 and server.for_seconds is None
     monkeypatch.delenv("RLDIFF_API_KEY", raising=False)
     with pytest.raises(ValueError, match="API key is required"):
         serve_command.run(args)  # before any Ray starts
@@ -287,11 +289,11 @@ def test_merged_requests_equal_the_sampler_run_alone(catalog, gmm):
         elif job.policy == "global:unipc":
             sigmas = tuple(catalog.learned.spec["base_schedule"]["schedules"][str(job.budget)])
             policy = PolicySpec("global:unipc", "global", "unipc", job.budget, sigmas=sigmas)
-            policy = policy.build(gmm.noise)
+            policy = policy.build(gmm.noise_table)
         else:
             policy = PolicySpec(
                 job.policy, "hand-built", "euler-ancestral", job.budget, schedule="karras"
-            ).build(gmm.noise)
+            ).build(gmm.noise_table)
         alone = expected(gmm, policy, job.seeds, job.labels, job.guidance, job.budget)
         served = torch.tensor([s["array"] for s in response["samples"]], dtype=alone.x0.dtype)
         torch.testing.assert_close(served, alone.x0, rtol=0, atol=2e-5)
@@ -301,9 +303,9 @@ def test_merged_requests_equal_the_sampler_run_alone(catalog, gmm):
 
 def test_explanations_describe_the_chosen_schedule():
     steps = [
-        {"sigma": 80.0, "expert": "unipc", "noise": 0.0, "confidence": 0.9},
-        {"sigma": 5.0, "expert": "unipc", "noise": 0.0, "confidence": 0.95},
-        {"sigma": 0.5, "expert": "euler-ancestral", "noise": 0.3, "confidence": 0.41},
+        {"sigma": 80.0, "expert": "unipc", "eta": 0.0, "confidence": 0.9},
+        {"sigma": 5.0, "expert": "unipc", "eta": 0.0, "confidence": 0.95},
+        {"sigma": 0.5, "expert": "euler-ancestral", "eta": 0.3, "confidence": 0.41},
     ]
     text = explain("moe", steps, 3, 5)
     assert "3 steps, 3 of 5 NFE (2 left unused)" in text
@@ -414,7 +416,7 @@ def test_served_samples_equal_the_evaluation_sampler(service, catalog, gmm):
     first = data["samples"][0]
     assert first["schedule"][-1]["sigma_next"] == 0 and first["nfe"] == alone.nfe[0]
     assert {step["expert"] for step in first["schedule"]} <= set(EXPERT_NAMES)
-    assert {"sigma", "expert", "noise", "confidence", "nfe"} <= set(first["schedule"][0])
+    assert {"sigma", "expert", "eta", "confidence", "nfe"} <= set(first["schedule"][0])
     assert first["explanation"].startswith("moe: ") and data["timings"]["total_ms"] > 0
     png = service.post("/v1/generate", {"seeds": [21], "budget": 6}).json()
     assert png["samples"][0]["png_base64"].startswith("iVBORw0KGgo")  # the PNG signature

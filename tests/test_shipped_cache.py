@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rldiff.shipped_cache import SCHEDULES, SHIPPED, seed_cache
+from rldiff.data.shipped_cache import SCHEDULES, SHIPPED, seed_cache
 
 
 def test_missing_files_are_copied_and_nothing_is_overwritten(tmp_path):
@@ -31,9 +31,9 @@ def test_missing_files_are_copied_and_nothing_is_overwritten(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no precomputed files shipped")
 def test_shipped_banks_belong_to_the_shipped_embedded_model():
-    from rldiff.fingerprint import model_fingerprint
-    from rldiff.models import EMBEDDED, load_model
-    from rldiff.reference import load_reference
+    from rldiff.core.fingerprint import model_fingerprint
+    from rldiff.data.models import EMBEDDED, load_model
+    from rldiff.data.reference import load_reference
 
     fingerprint = model_fingerprint(load_model(EMBEDDED))
     banks = sorted(SHIPPED.glob("reference-*.parquet"))

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rldiff.denoisers import Condition, load_denoiser, set_tf32
-from rldiff.evaluate import EVAL_SEED_OFFSET
-from rldiff.metrics import DigitMetrics
-from rldiff.policies import fixed_policy
-from rldiff.sampler import sample
-from rldiff.seeds import initial_noise
+from rldiff.config import EvaluateConfig, SearchConfig
+from rldiff.core.denoisers import Condition, load_denoiser, set_tf32
+from rldiff.core.policies import fixed_policy
+from rldiff.core.sampler import sample
+from rldiff.core.seeds import initial_noise
+from rldiff.evaluation.protocol import EVAL_SEED_OFFSET
+from rldiff.evaluation.quality import DigitMetrics
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,7 +35,7 @@ def test_embedded_model_at_50_nfe_is_within_1_5x_of_the_real_floor():
     denoiser, metrics = load_denoiser(), DigitMetrics()
     floor = metrics.real_floor()
     seeds, noise, cond = _held_out(floor.count)  # FD depends on n: compare at the floor's count
-    policy = fixed_policy("unipc", "logsnr-uniform", 50, denoiser.noise)
+    policy = fixed_policy("unipc", "logsnr-uniform", 50, denoiser.noise_table)
     x0 = sample(denoiser, policy, noise, cond, 50, seeds=seeds).x0.clamp(-1, 1)
     fd = metrics.fd(x0)
     print(f"FD {fd:.2f} on {floor.count} samples vs real floor {floor.fd:.2f}")
@@ -52,7 +53,7 @@ def test_sampler_on_cuda_matches_cpu():
     print(f"\none denoiser call at sigma 5: max |cuda - cpu| {one_call:.2e}")
     print("solver     TF32 off   TF32 on   tolerance")
     for solver, tolerance in CUDA_TOLERANCE.items():
-        policy = fixed_policy(solver, "karras", 6, cpu.noise)
+        policy = fixed_policy(solver, "karras", 6, cpu.noise_table)
         on_cpu = sample(cpu, policy, noise, cond, 6, seeds=seeds).x0
         differences = []
         for allow in (False, True):
@@ -70,9 +71,9 @@ def test_sampler_on_cuda_matches_cpu():
 def test_evaluation_prepares_on_the_gpu_and_matches_the_cpu(tmp_path, monkeypatch):
     """The driver's preparation (reference banks, global schedule search, baseline scores) runs on
     the GPU it sees, with the CPU's numbers."""
-    import rldiff.evaluate as evaluate
+    import rldiff.evaluation.protocol as evaluate
 
-    cfg = evaluate.EvaluateConfig(
+    cfg = EvaluateConfig(
         model="embedded",
         n_samples=16,
         n_train=8,
@@ -80,7 +81,7 @@ def test_evaluation_prepares_on_the_gpu_and_matches_the_cpu(tmp_path, monkeypatc
         solvers=("unipc", "euler"),
         schedules=("karras",),
         global_solvers=("unipc",),
-        search=evaluate.SearchConfig(rounds=1),
+        search=SearchConfig(rounds=1),
         bandit_rounds=0,
         ray="off",
     )

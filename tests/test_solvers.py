@@ -14,13 +14,13 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from rldiff.denoisers import Condition
-from rldiff.noise import DiscreteVP
-from rldiff.policies import Decision, FixedSchedulePolicy
-from rldiff.sampler import sample
-from rldiff.schedules import karras
-from rldiff.seeds import initial_noise, step_generators
-from rldiff.solvers import EXPERT_NAMES, EXPERTS, History, expert_index
+from rldiff.core.denoisers import Condition
+from rldiff.core.noise import DiscreteVP
+from rldiff.core.policies import Decision, FixedSchedulePolicy
+from rldiff.core.sampler import sample
+from rldiff.core.schedules import karras
+from rldiff.core.seeds import initial_noise, step_generators
+from rldiff.core.solvers import EXPERT_NAMES, EXPERTS, History, expert_index
 
 F64 = torch.float64
 UNLIMITED = 10**6  # an NFE budget that never binds
@@ -44,7 +44,9 @@ class _StartAt:
 
     def __init__(self, inner, sigma_max: float):
         self.inner = inner
-        self.noise = DiscreteVP(torch.tensor([inner.noise.sigma_min, sigma_max], dtype=F64))
+        self.noise_table = DiscreteVP(
+            torch.tensor([inner.noise_table.sigma_min, sigma_max], dtype=F64)
+        )
 
     def __call__(self, x, sigma, cond):
         return self.inner(x, sigma, cond)
@@ -71,7 +73,7 @@ def ode_problem(small_gmm):
     b = 8
     noise = initial_noise(range(b), (4,), F64)
     cond = Condition.make([-1, -1, -1, -1, -1, 0, 1, 2], [1, 1, 1, 1, 1, 1, 1.5, 1])
-    s_max, s_min = small_gmm.noise.sigma_max, small_gmm.noise.sigma_min
+    s_max, s_min = small_gmm.noise_table.sigma_max, small_gmm.noise_table.sigma_min
 
     def rhs(log_sigma, y):
         x = torch.from_numpy(y).view(b, 4)
@@ -96,7 +98,7 @@ def test_convergence_order(ode_problem, solver):
     errors = []
     for n in ORDER_STEPS:
         res = sample(
-            gmm, FixedSchedulePolicy(solver, logsnr_ladder(gmm.noise, n)), noise, cond, 10**6
+            gmm, FixedSchedulePolicy(solver, logsnr_ladder(gmm.noise_table, n)), noise, cond, 10**6
         )
         steps = n + 1  # n inside the range, then the jump to 0
         nfe = 2 * steps - 1 if solver == "heun" else steps
@@ -114,7 +116,7 @@ def test_convergence_order(ode_problem, solver):
 
 def test_euler_ancestral_without_noise_is_euler(ode_problem):
     gmm, noise, cond, _ = ode_problem
-    for sigmas in (logsnr_ladder(gmm.noise, 16), karras(7, gmm.noise)):
+    for sigmas in (logsnr_ladder(gmm.noise_table, 16), karras(7, gmm.noise_table)):
         euler = sample(gmm, FixedSchedulePolicy("euler", sigmas), noise, cond, UNLIMITED)
         ancestral = sample(
             gmm, FixedSchedulePolicy("euler-ancestral", sigmas, eta=0.0), noise, cond, UNLIMITED
@@ -263,7 +265,7 @@ class _TablePolicy:
 
 def _ancestral_reference(gmm, sigmas, x, cond, etas, seeds):
     """k-diffusion's ``sample_euler_ancestral`` transcribed, one sample at a time, in Python floats
-    for the step sizes; noise from each sample's own stream (rldiff.seeds.step_generators)."""
+    for the step sizes; noise from each sample's own stream (rldiff.core.seeds.step_generators)."""
     out = []
     for i, (eta, gen) in enumerate(zip(etas, step_generators(seeds), strict=True)):
         xi = x[i : i + 1].clone()
@@ -284,12 +286,12 @@ def test_euler_ancestral_matches_the_published_formula(small_gmm):
     etas = [0.0, 0.3, 1.0, 0.7, 1.0]
     noise = initial_noise(seeds, (4,), F64)
     cond = Condition.make([-1, 0, 1, 2, -1], [1, 1, 1.5, 1, 1])
-    sigmas = karras(9, small_gmm.noise)
+    sigmas = karras(9, small_gmm.noise_table)
     ours = sample(
         small_gmm, _TablePolicy("euler-ancestral", sigmas, etas), noise, cond, 10**6, seeds
     )
     reference = _ancestral_reference(
-        small_gmm, sigmas, noise * small_gmm.noise.sigma_max, cond, etas, seeds
+        small_gmm, sigmas, noise * small_gmm.noise_table.sigma_max, cond, etas, seeds
     )
     deviation = (ours.x0 - reference).abs().max().item()
     print(f"\n[reference] euler-ancestral vs transcription: max deviation {deviation:.2e}")
@@ -413,7 +415,11 @@ def test_every_expert_samples_finite_in_the_sampler(digits_gmm, name):
     cond = Condition.make([-1, 3, 7], [1, 1, 2.0])
     eta = 1.0 if EXPERTS[expert_index(name)].stochastic else 0.0
     res = sample(
-        digits_gmm, FixedSchedulePolicy(name, karras(6, digits_gmm.noise), eta), noise, cond, 100
+        digits_gmm,
+        FixedSchedulePolicy(name, karras(6, digits_gmm.noise_table), eta),
+        noise,
+        cond,
+        100,
     )
     assert res.x0.shape == noise.shape and res.x0.dtype == F64
     assert torch.isfinite(res.x0).all()

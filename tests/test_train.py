@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rldiff.baselines.learned import LearnedPolicy, expert_mean
 from rldiff.cli import main
-from rldiff.global_schedule import SearchConfig
-from rldiff.learned_policy import LearnedPolicy, expert_mean
-from rldiff.models import load_model
-from rldiff.routing import decision_from_actions
-from rldiff.sampler import Sampling, sample
-from rldiff.seeds import initial_noise
-from rldiff.solvers import EXPERT_NAMES, expert_index
-from rldiff.train import run_training
+from rldiff.config import SearchConfig
+from rldiff.core.routing import decision_from_actions
+from rldiff.core.sampler import Sampling, sample
+from rldiff.core.seeds import initial_noise
+from rldiff.core.solvers import EXPERT_NAMES, expert_index
+from rldiff.data.models import load_model
+from rldiff.rl.train import run_training
 
 BUDGETS = (4, 6)
 EVAL_OVERRIDES = {  # a small protocol: the point here is the plumbing, not the numbers
@@ -128,7 +128,7 @@ def observations(policy, budgets, steps: int):
     denoiser = load_model("gmm")
     seeds = list(range(2_000_000, 2_000_012))
     noise = initial_noise(seeds, (1, 16, 16))
-    from rldiff.denoisers import Condition
+    from rldiff.core.denoisers import Condition
 
     batch = Sampling(denoiser, noise, Condition.make([s % 10 for s in seeds]), budgets, seeds)
     for _ in range(steps):
@@ -183,7 +183,7 @@ def test_standalone_policy_acts_like_the_modules_inside_the_algorithm(trained):
                 actions[rows] = rllib_expert_mean(module, x[rows]).double()
             theirs = decision_from_actions(obs, decision.expert, actions.numpy(), policy.base)
             assert torch.equal(decision.sigma_next, theirs.sigma_next)
-            assert torch.equal(decision.noise, theirs.noise)
+            assert torch.equal(decision.eta, theirs.eta)
             assert ((decision.confidence >= 1 / 5 - 1e-9) & (decision.confidence <= 1)).all()
     finally:
         algo.stop()
@@ -192,7 +192,7 @@ def test_standalone_policy_acts_like_the_modules_inside_the_algorithm(trained):
 def test_a_format_1_directory_is_refused_then_converted(trained, tmp_path):
     """A directory the old export wrote (RLlib module checkpoints under ``modules/``) fails to
     load with the command that converts it; converted, it acts as the fresh export does."""
-    from rldiff.policy_export import MODULES_IN_CHECKPOINT, main
+    from rldiff.rl.export import MODULES_IN_CHECKPOINT, main
 
     out, summary = trained
     spec = json.loads((out / "policy" / "policy.json").read_text())
@@ -205,7 +205,7 @@ def test_a_format_1_directory_is_refused_then_converted(trained, tmp_path):
     (old / "policy.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="format 1") as error:
         LearnedPolicy.load(old)
-    assert f"python -m rldiff.policy_export {old}" in str(error.value)
+    assert f"python -m rldiff.rl.export {old}" in str(error.value)
     assert "rldiff train --out RUN --resume --iterations 2 --no-evaluate" in str(error.value)
 
     assert main([str(old)]) == 0
@@ -223,7 +223,7 @@ def test_learned_policy_respects_budgets_in_the_sampler(trained):
     denoiser = load_model("gmm")
     seeds = list(range(3_000_000, 3_000_016))
     budgets = torch.tensor([4, 6] * 8)
-    from rldiff.denoisers import Condition
+    from rldiff.core.denoisers import Condition
 
     result = sample(
         denoiser,
@@ -292,7 +292,7 @@ def test_gpus_go_to_env_runners_first_then_a_learner(
     ray_local, monkeypatch, gpus, runners, learner, per_runner
 ):
     """Never a GPU the cluster lacks (that hangs); the denoiser's env runners come first."""
-    from rldiff.algo import gpus_per_env_runner, learner_resources
+    from rldiff.rl.algo import gpus_per_env_runner, learner_resources
 
     monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 8, "GPU": gpus})
     assert gpus_per_env_runner(runners) == per_runner

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from rldiff.algo import TrainConfig, build_config
-from rldiff.global_schedule import SearchConfig
-from rldiff.learned_policy import LearnedPolicy
-from rldiff.tune import (
+from rldiff.baselines.learned import LearnedPolicy
+from rldiff.config import SearchConfig, TrainConfig
+from rldiff.rl.algo import build_config
+from rldiff.search.report import choose_winner
+from rldiff.search.tune import (
     PRESETS,
     TuneSettings,
     add_arguments,
@@ -24,7 +25,6 @@ from rldiff.tune import (
     settings_from_args,
     trial_config,
 )
-from rldiff.tune_report import choose_winner
 
 BUDGETS = (4, 6)
 SPACE = {
@@ -242,7 +242,7 @@ def test_target_budgets_must_be_trained_budgets(tiny_settings, tmp_path):
 
 
 def test_missing_model_is_a_clear_error_before_ray_starts(tmp_path):
-    from rldiff.tune import run
+    from rldiff.search.tune import run
 
     args = parse(["--out", str(tmp_path / "o"), "--model", str(tmp_path / "nope")])
     with pytest.raises(FileNotFoundError, match="does not exist"):

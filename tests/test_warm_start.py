@@ -14,7 +14,8 @@ from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from rldiff.algo import (
+from rldiff.data.models import load_model
+from rldiff.rl.algo import (
     ROUTER,
     TrainConfig,
     WarmStartPPOModule,
@@ -24,8 +25,7 @@ from rldiff.algo import (
     router_warm_start_probs,
     warm_start_note,
 )
-from rldiff.env import RoutingEnv, training_references
-from rldiff.models import load_model
+from rldiff.rl.env import RoutingEnv, training_references
 
 EXPERTS = ("heun", "unipc", "euler")  # a subset, base expert (unipc) at router action 1
 BASE = EXPERTS.index("unipc")
@@ -259,7 +259,7 @@ def test_warm_start_reaches_the_learner_and_the_env_runners(ray_local, cfg, rout
 
 
 def test_router_entropy_bonus_is_annealed_over_sampled_env_steps():
-    from rldiff.algo import router_entropy
+    from rldiff.rl.algo import router_entropy
 
     cfg = TrainConfig(iterations=30, train_batch_size=256, router_entropy_coeff=0.2)
     assert router_entropy(cfg) == [[0, 0.2], [20 * 256, 0.01]]  # 2/3 of 30 iterations

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from rldiff.config import MODEL, MODEL_HELP
+from rldiff.serving.auth import DEFAULT_ENV
 from rldiff.serving.merge import RunMerger
 from rldiff.serving.schemas import (
     BUDGET_SEMANTICS,
@@ -51,30 +53,50 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "embedded"  # embedded | gmm | a local diffusers directory (safetensors only)
-    policy: str | None = None  # learned policy directory, relative to policy_root
-    policy_root: str = "runs"  # policy directories load only from inside this directory
-    evaluation: str | None = None  # an evaluation directory: best hand-built when degraded
-    device: str = "cpu"  # the model's device: cpu, cuda, or auto (cuda where the replica has one)
-    # TF32 convolutions on a GPU: faster, but samples move from the exact (CPU) result by up to
-    # 1e-3 (UniPC, 6 NFE) and far more for Heun; off by default, as everywhere numbers are made.
-    allow_tf32: bool = False
-    # GPUs per Sampler replica: auto (1 if the device is not cpu and the cluster has a GPU, else
-    # 0) or a number (a fraction packs several replicas on one GPU)
-    sampler_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
-    api_key_env: str = "RLDIFF_API_KEY"  # the environment variable holding the API key
-    api_key_file: str | None = None  # or a file holding it (first line)
-    require_api_key: bool = False  # refuse to start without a key (the cluster config sets it)
-    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
-    access_log: bool = True
-    max_samples: int = Limits.max_samples
-    max_batch_requests: int = Limits.max_batch_requests
-    max_batch_samples: int = Limits.max_batch_samples
-    min_budget: int = Limits.min_budget
-    max_budget: int = Limits.max_budget
-    min_guidance: float = Limits.min_guidance
-    max_guidance: float = Limits.max_guidance
-    max_body_bytes: int = Limits.max_body_bytes
+    model: str = Field(MODEL, description=MODEL_HELP + " (safetensors only)")
+    policy: str | None = Field(
+        None, description="learned policy directory, relative to policy_root"
+    )
+    policy_root: str = Field("runs", description="policy directories load only from inside it")
+    evaluation: str | None = Field(
+        None,
+        description="an evaluation directory (results.parquet): the best hand-built schedule per "
+        "budget, served when no learned policy loads",
+    )
+    device: str = Field(
+        "cpu", description="the model's device: cpu, cuda, or auto (cuda where the replica has one)"
+    )
+    allow_tf32: bool = Field(
+        False,
+        description="TF32 convolutions on a GPU: faster, but samples move from the exact (CPU) "
+        "result by up to 1e-3 (UniPC, 6 NFE) and far more for Heun",
+    )
+    sampler_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
+        "auto",
+        description="GPUs per Sampler replica: auto (1 if the device is not cpu and the cluster "
+        "has a GPU, else 0) or a number (a fraction packs several replicas on one GPU)",
+    )
+    api_key_env: str = Field(
+        DEFAULT_ENV, description="the environment variable holding the API key"
+    )
+    api_key_file: str | None = Field(None, description="a file holding the API key (first line)")
+    require_api_key: bool = Field(False, description="refuse to start without an API key")
+    batch_wait_s: float = Field(
+        DEFAULT_BATCH_WAIT_S, description="how long a sampler run waits for more requests to merge"
+    )
+    access_log: bool = Field(True, description="no per-request log lines")
+    max_samples: int = Field(Limits.max_samples, description="samples per /v1/generate request")
+    max_batch_requests: int = Field(
+        Limits.max_batch_requests, description="requests per /v1/generate/batch call"
+    )
+    max_batch_samples: int = Field(
+        Limits.max_batch_samples, description="samples per batch call (and per sampler run)"
+    )
+    min_budget: int = Field(Limits.min_budget, description="smallest NFE budget a request may ask")
+    max_budget: int = Field(Limits.max_budget, description="largest NFE budget a request may ask")
+    min_guidance: float = Field(Limits.min_guidance, description="smallest guidance scale")
+    max_guidance: float = Field(Limits.max_guidance, description="largest guidance scale")
+    max_body_bytes: int = Field(Limits.max_body_bytes, description="largest request body (413)")
 
     def limits(self) -> Limits:
         return Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
@@ -158,7 +180,7 @@ class Sampler:
         import ray
         import torch
 
-        from rldiff.models import load_model, visible_device
+        from rldiff.data.models import load_model, visible_device
         from rldiff.serving.catalog import Catalog
         from rldiff.serving.metrics import SamplerMetrics
 
@@ -167,7 +189,9 @@ class Sampler:
             device = visible_device()
         logger.info(f"Sampler: model on {device}, GPUs assigned by Ray: {ray.get_gpu_ids()}")
         denoiser = load_model(model, device)
-        denoiser.allow_tf32 = allow_tf32  # only the GPU path reads it (rldiff.denoisers.set_tf32)
+        denoiser.allow_tf32 = (
+            allow_tf32  # only the GPU path reads it (rldiff.core.denoisers.set_tf32)
+        )
         self.catalog = Catalog(model, denoiser, policy_root, evaluation)
         self.metrics = SamplerMetrics()
         self.failures = 0  # consecutive failed sampler runs: the health check's signal

@@ -1,6 +1,6 @@
 """What the service can serve: the model, the learned policy (hot-swappable), and the baselines.
 
-Policies are built exactly as the evaluation builds them (``rldiff.evaluate.PolicySpec``), so a
+Policies are built exactly as the evaluation builds them (``rldiff.baselines.specs.PolicySpec``), so a
 name served at a budget is the policy that was measured under that name. Learned policies load only
 from directories inside the configured root (no path traversal); their evaluation (``results.parquet``
 of the training run, beside the policy) gives the best hand-built schedule per budget, served when
@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rldiff.evaluate import EvaluateConfig, PolicySpec
-from rldiff.schedules import SCHEDULES
-from rldiff.solvers import EXPERT_NAMES
+from rldiff.baselines.specs import PolicySpec
+from rldiff.config import EvaluateConfig
+from rldiff.core.schedules import SCHEDULES
+from rldiff.core.solvers import EXPERT_NAMES
 
 LEARNED = "learned"
 ADAPTIVE = "adaptive:dpmpp-2m"
@@ -35,7 +36,7 @@ def default_hand_built(budget: int) -> str:
 class Learned:
     """A loaded learned policy and what was measured about it."""
 
-    policy: object  # rldiff.learned_policy.LearnedPolicy
+    policy: object  # rldiff.baselines.learned.LearnedPolicy
     directory: str  # relative to the policy root
     spec: dict  # policy.json
     evaluation: dict[int, dict]  # budget -> figures of the training run's evaluation
@@ -52,7 +53,7 @@ class Catalog:
     """The served model and policies. ``swap`` replaces the learned policy atomically."""
 
     def __init__(self, model: str, denoiser, root, evaluation: str | None = None):
-        from rldiff.fingerprint import model_fingerprint
+        from rldiff.core.fingerprint import model_fingerprint
 
         self.model, self.denoiser = model, denoiser
         self.root = Path(root).resolve()
@@ -84,7 +85,7 @@ class Catalog:
             return False
 
     def _load(self, directory: str) -> Learned:
-        from rldiff.learned_policy import LearnedPolicy
+        from rldiff.baselines.learned import LearnedPolicy
 
         path = self.inside_root(directory)
         policy = LearnedPolicy.load(path)
@@ -126,7 +127,7 @@ class Catalog:
             name = self.best_hand_built(budget)
         key = (name, budget)
         if key not in self._baselines:
-            self._baselines[key] = self._spec(name, budget).build(self.denoiser.noise)
+            self._baselines[key] = self._spec(name, budget).build(self.denoiser.noise_table)
         return name, key, self._baselines[key]
 
     def best_hand_built(self, budget: int) -> str:
@@ -201,11 +202,11 @@ def _num_classes(denoiser) -> int:
 def _evaluation(directory: Path, model: str) -> dict[int, dict]:
     """Per budget, from an evaluation's ``results.parquet`` of the same model: the best hand-built
     schedule, the best global schedule and the learned policy, with their mean reference RMSE and
-    NFE (``rldiff.report.best_per_budget``). Empty when there is none or it was run on another
+    NFE (``rldiff.baselines.specs.best_per_budget``). Empty when there is none or it was run on another
     model."""
     import pyarrow.parquet as pq
 
-    from rldiff.report import best_per_budget
+    from rldiff.baselines.specs import best_per_budget
 
     results, config = directory / "results.parquet", directory / "config.json"
     if not results.is_file():

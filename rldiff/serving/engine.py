@@ -1,8 +1,8 @@
 """Runs checked requests (``Job``s) through the one sampler and builds their responses.
 
 Jobs that share a policy (the learned one at any budget; a baseline at one budget) are merged into
-one ``rldiff.sampler.sample`` run in which every sample follows its own schedule, then split back.
-Each sample's noise comes from ``rldiff.seeds.initial_noise`` of its seed, so a served sample equals
+one ``rldiff.core.sampler.sample`` run in which every sample follows its own schedule, then split back.
+Each sample's noise comes from ``rldiff.core.seeds.initial_noise`` of its seed, so a served sample equals
 the evaluation sampler's sample for the same seed, label, guidance, policy and budget.
 """
 
@@ -15,13 +15,13 @@ import time
 import numpy as np
 import torch
 
-from rldiff.denoisers import Condition
-from rldiff.sampler import sample
-from rldiff.seeds import initial_noise
+from rldiff.core.denoisers import Condition
+from rldiff.core.sampler import sample
+from rldiff.core.seeds import initial_noise
+from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.serving.catalog import Catalog
 from rldiff.serving.explain import explain
 from rldiff.serving.schemas import Job, RequestProblem, label_problem
-from rldiff.solvers import EXPERT_NAMES
 
 
 def check_job(catalog: Catalog, job: Job) -> RequestProblem | None:

@@ -27,7 +27,7 @@ def explain(policy: str, steps: list[dict], nfe: int, budget: int) -> str:
             f"Router confidence {min(confidence):.2f}-{max(confidence):.2f} "
             f"(least sure at step {low + 1})"
         )
-    noisy = [str(i) for i, s in enumerate(steps, start=1) if s["noise"] > 0]
+    noisy = [str(i) for i, s in enumerate(steps, start=1) if s["eta"] > 0]
     parts.append(f"Fresh noise at step(s) {', '.join(noisy)}" if noisy else "No fresh noise")
     final = steps[-1]["sigma"]
     parts.append(f"Last step from sigma {final:.3g} to 0")

@@ -118,7 +118,7 @@ class Step(BaseModel):
     sigma: float
     sigma_next: float
     expert: str
-    noise: float = Field(description="noise amount eta of a stochastic step (0: deterministic)")
+    eta: float = Field(description="noise amount eta of a stochastic step (0: deterministic)")
     nfe: int = Field(description="network evaluations used once this step is done")
     confidence: float | None = Field(
         None, description="the router's probability for the expert it chose (learned policy)"

@@ -1,0 +1,293 @@
+"""RLlib's configuration for the router + experts, built in one place: ``build_config``.
+
+Collapse guard, two parts:
+
+- an entropy bonus of its own for the router (``router_entropy_coeff``, through RLlib's per-module
+  config overrides), so PPO keeps exploring the experts instead of locking onto one early, and
+  every expert keeps getting rows to learn from; it is annealed (``router_entropy_final``) so the
+  router can commit to its best choices late in training, when the experts have learned;
+- a warm start toward the base expert (``router_warm_start``, set by the modules themselves:
+  ``WarmStartPPOModule``). The env's base schedule is the base expert's (``base_expert``) optimised
+  global schedule, and a zero step action reproduces it, so "base expert, zero action" is a policy
+  worth 0 reward by construction. A router that starts uniform over the experts is far from it:
+  most early episodes run solvers the schedule was not tuned for, their rewards are poor and noisy,
+  and PPO has been seen to collapse onto a poor expert. So a fresh run's router starts with
+  probability ``router_warm_start`` (default 0.8) on the base expert and the rest spread uniformly
+  over the others (enough for every expert to be tried, and for the entropy bonus to work from).
+  Only the bias of the router's policy-head output layer is set (to the log of these
+  probabilities); its weights keep their random init, so the logits still depend on the
+  observation a little and the probabilities are the target on average, not exactly. Every copy
+  of the module (learner, env runners) starts so when it is built; a restored or resumed run then
+  loads its checkpoint's weights over it. 0 or None turns it off (a uniform start, up to the
+  random init).
+
+Expert usage and router entropy are logged every episode to watch for collapse anyway.
+
+``TrainConfig.experts`` picks the experts in play: modules ``expert_<global index>`` for those
+only, and ``router`` only when there is more than one (one expert is the single-agent ``ppo-single``
+ablation: step size only, one solver). Router action ``j`` is ``experts[j]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from rldiff.config import TrainConfig
+from rldiff.core.routing import N_EXPERTS, experts_in_use
+from rldiff.core.solvers import EXPERT_NAMES, expert_index
+from rldiff.rl.env import RoutingEnv
+
+ROUTER = "router"
+EXPERT_MODULES = tuple(f"expert_{k}" for k in range(N_EXPERTS))
+METRICS = "rldiff"  # custom metrics land in result["env_runners"]["rldiff"][...]
+METRICS_WINDOW = 100  # episodes each custom metric is averaged over
+
+
+def module_ids(experts=None) -> tuple[str, ...]:
+    """The modules for the experts in play (names, None: all): ``router`` only if more than one."""
+    ks = experts_in_use(experts)
+    return (*([ROUTER] if len(ks) > 1 else []), *(EXPERT_MODULES[k] for k in ks))
+
+
+def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
+    """``router_{i}`` -> ``router``; ``expert{k}_{i}`` -> ``expert_{k}``."""
+    if agent_id.startswith("router_"):
+        return ROUTER
+    return f"expert_{agent_id.removeprefix('expert').split('_')[0]}"
+
+
+def build_config(cfg: TrainConfig) -> PPOConfig:
+    """THE RLlib config: multi-agent PPO over ``RoutingEnv``, one module per router / expert in
+    play (``cfg.experts``)."""
+    model = asdict(DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False))
+    env_config = cfg.env_config()
+    modules = module_ids(env_config["experts"])
+    overrides = {ROUTER: {"entropy_coeff": router_entropy(cfg)}} if ROUTER in modules else {}
+    return (
+        PPOConfig()
+        .environment(RoutingEnv, env_config=env_config)
+        .multi_agent(
+            policies=set(modules),
+            policy_mapping_fn=policy_mapping_fn,
+            # Not "agent_steps": in 2.60 an agent id sampled in one iteration and absent from the
+            # next has a NaN step count there, and synchronous_parallel_sample's int() fails.
+            count_steps_by="env_steps",
+        )
+        .rl_module(
+            rl_module_spec=MultiRLModuleSpec(
+                rl_module_specs={
+                    m: RLModuleSpec(
+                        module_class=WarmStartPPOModule,
+                        model_config={**model, **initial_outputs(cfg, m)},
+                    )
+                    for m in modules
+                }
+            ),
+            algorithm_config_overrides_per_module=overrides,
+        )
+        .env_runners(
+            num_env_runners=cfg.env_runners,
+            num_envs_per_env_runner=1,
+            num_cpus_per_env_runner=1,
+            num_gpus_per_env_runner=gpus_per_env_runner(cfg.env_runners),
+        )
+        .learners(**learner_resources(cfg.env_runners))
+        # A lost env runner (its node gone) is restarted elsewhere; the iteration goes on with
+        # the others meanwhile, so training survives losing a worker node.
+        .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
+        .training(
+            lr=cfg.lr,
+            entropy_coeff=cfg.entropy_coeff,
+            clip_param=cfg.clip,
+            gamma=cfg.gamma,
+            lambda_=cfg.lambda_,
+            train_batch_size_per_learner=cfg.train_batch_size,
+            minibatch_size=cfg.minibatch_size,
+            num_epochs=cfg.num_epochs,
+        )
+        .callbacks(RoutingMetrics)
+        .debugging(seed=cfg.seed)
+    )
+
+
+def router_entropy(cfg: TrainConfig) -> float | list[list[float]]:
+    """The router's entropy bonus: constant, or RLlib's piecewise-linear schedule over sampled env
+    steps (``train_batch_size`` per iteration) from ``router_entropy_coeff`` to
+    ``router_entropy_final`` at ``router_entropy_anneal`` of ``iterations``, then flat."""
+    final = cfg.router_entropy_final
+    if final is None or final == cfg.router_entropy_coeff:
+        return cfg.router_entropy_coeff
+    end = max(1, round(cfg.iterations * cfg.router_entropy_anneal)) * cfg.train_batch_size
+    return [[0, cfg.router_entropy_coeff], [end, final]]
+
+
+def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
+    """The router's initial action probabilities for ``cfg`` (router action ``j`` is
+    ``experts[j]``): ``router_warm_start`` on the base expert, the rest uniform over the others.
+    None when there is nothing to warm-start: turned off, no router (one expert), or the base
+    expert not in play."""
+    p = cfg.router_warm_start
+    if not p:
+        return None
+    if not 0 < p < 1:
+        raise ValueError(f"router_warm_start must lie in (0, 1) (0 or None: off), got {p!r}")
+    experts = experts_in_use(cfg.env_config()["experts"])
+    base = expert_index(cfg.base_expert)
+    if len(experts) < 2 or base not in experts:
+        return None
+    probs = np.full(len(experts), (1 - p) / (len(experts) - 1))
+    probs[experts.index(base)] = p
+    return probs
+
+
+# WarmStartPPOModule's own model_config keys (filled in by initial_outputs).
+INITIAL_PROBS = "initial_probs"  # the router's initial action probabilities
+INITIAL_STD = "initial_std"  # an expert's initial Gaussian std
+
+
+def initial_outputs(cfg: TrainConfig, module_id: str) -> dict:
+    """``module_id``'s ``WarmStartPPOModule`` keys for its ``model_config``: the router's
+    ``router_warm_start_probs``, an expert's ``expert_init_std``; none when turned off."""
+    if module_id == ROUTER:
+        probs = router_warm_start_probs(cfg)
+        return {} if probs is None else {INITIAL_PROBS: probs.tolist()}
+    std = cfg.expert_init_std
+    if not std:
+        return {}
+    if std <= 0:
+        raise ValueError(f"expert_init_std must be positive (0 or None: off), got {std!r}")
+    return {INITIAL_STD: float(std)}
+
+
+def warm_start_note(cfg: TrainConfig) -> str | None:
+    """The line a fresh training run prints about its router's start (None: nothing to say)."""
+    experts = experts_in_use(cfg.env_config()["experts"])
+    probs = router_warm_start_probs(cfg)
+    if probs is not None:
+        targets = zip((EXPERT_NAMES[k] for k in experts), probs, strict=True)
+        return "router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in targets)
+    if cfg.router_warm_start and len(experts) > 1:
+        return f"router warm start skipped: base expert {cfg.base_expert} is not in play"
+    return None
+
+
+class WarmStartPPOModule(DefaultPPOTorchRLModule):
+    """RLlib's default PPO torch module, its policy starting where its ``model_config`` says.
+
+    After the default setup (same layers, same random draws), the output layer of ``pi`` (the
+    action distribution inputs) is set from two optional keys:
+
+    - ``initial_probs`` (the router): bias = log of these action probabilities; the weights keep
+      their random init, so the probabilities hold on average over observations;
+    - ``initial_std`` (an expert): the log-std half of the Gaussian's outputs gets zero weights and
+      bias ``log(initial_std)``, that std for every observation; the mean half keeps its random
+      init (near 0: the base schedule).
+
+    Set at construction, not edited into a built algorithm: every copy (learner, env runners)
+    starts so without a weight sync of its own, and a restore loads its checkpoint over it.
+    """
+
+    def setup(self):
+        super().setup()
+        config = self.model_config if isinstance(self.model_config, dict) else {}
+        probs, std = config.get(INITIAL_PROBS), config.get(INITIAL_STD)
+        if probs is None and std is None:
+            return
+        layer = policy_output_layer(self)
+        size = layer.out_features if probs is None else len(probs)
+        if layer.bias is None or layer.out_features != size:
+            raise ValueError(f"policy head {layer} has no bias of size {size}")
+        with torch.no_grad():
+            if probs is not None:
+                layer.bias.copy_(torch.as_tensor(np.log(probs), dtype=torch.float32))
+            if std is not None:
+                half = layer.out_features // 2
+                layer.weight[half:].zero_()
+                layer.bias[half:].fill_(float(np.log(std)))
+
+
+def policy_output_layer(module) -> torch.nn.Linear:
+    """The last linear layer of a default PPO module's policy head (``pi``): its outputs are the
+    action distribution inputs (the router's logits)."""
+    layers = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__}.pi has no linear layer")
+    return layers[-1]
+
+
+def gpus_per_env_runner(env_runners: int) -> float:
+    """1 per remote env runner if the cluster has enough GPUs, a fair share if fewer, else 0.
+
+    Never hard-coded: asking for a GPU that no node has makes the env runner wait forever.
+    """
+    if env_runners == 0:
+        return 0  # the driver's own env runner sees whatever GPU the driver sees
+    import ray
+
+    gpus = (
+        float(ray.cluster_resources().get("GPU", 0))
+        if ray.is_initialized()
+        else float(torch.cuda.device_count())
+    )
+    return 0 if gpus == 0 else min(1.0, gpus / env_runners)
+
+
+def learner_resources(env_runners: int) -> dict:
+    """A remote learner on a GPU of its own when the cluster has one more GPU than the env
+    runners take; else the learner runs in the driver on CPU (the modules are small MLPs: the
+    GPUs matter most for the denoiser in the env runners)."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    if gpus >= gpus_per_env_runner(env_runners) * env_runners + 1:
+        return {"num_learners": 1, "num_gpus_per_learner": 1}
+    return {"num_learners": 0, "num_gpus_per_learner": 0}
+
+
+class RoutingMetrics(RLlibCallback):
+    """Per-episode custom metrics in ``result["env_runners"][METRICS]``, logged by ``rldiff.rl.loop``
+    as ``charts/*``: reference RMSE (policy and base), NFE, NFE / budget, reward, per-expert usage
+    fractions and the router's mean policy entropy."""
+
+    def on_episode_end(self, *, episode, env=None, env_index=0, metrics_logger=None, **kwargs):
+        if metrics_logger is None:
+            return
+        routing = _routing_env(env, env_index)
+        values = dict(routing.summary)
+        entropy = _router_entropy(episode, len(routing.experts)) if routing.routed else None
+        if entropy is not None:
+            values["router_entropy"] = entropy
+        for key, value in values.items():
+            metrics_logger.log_value((METRICS, *key.split("/")), value, window=METRICS_WINDOW)
+
+
+def _routing_env(env, index: int) -> RoutingEnv:
+    """The ``RoutingEnv`` behind RLlib's vector env (it auto-resets on the next step, so its
+    ``summary`` still describes the episode that just ended)."""
+    envs = getattr(env, "envs", None)
+    return (envs[index] if envs is not None else env).unwrapped
+
+
+def _router_entropy(episode, n: int = N_EXPERTS) -> float | None:
+    """Mean entropy (nats) of the router's action distribution (``n`` choices) over this episode
+    chunk."""
+    logits = [
+        np.asarray(sa.get_extra_model_outputs(Columns.ACTION_DIST_INPUTS), dtype=np.float64)
+        for aid, sa in episode.agent_episodes.items()
+        if aid.startswith("router_") and Columns.ACTION_DIST_INPUTS in sa.extra_model_outputs
+    ]
+    logits = [x.reshape(-1, n) for x in logits if x.size]
+    if not logits:
+        return None
+    logp = torch.log_softmax(torch.as_tensor(np.concatenate(logits)), dim=1)
+    return float(-(logp.exp() * logp).sum(1).mean())

@@ -1,0 +1,47 @@
+"""An exported policy directory with freshly initialised (never trained) modules.
+
+It has the architecture, files and loading path of a trained export (``export_policy`` over a
+checkpoint-shaped directory), so the serving path can be tested and its latency measured without
+a training run. Its decisions are random-initialised network outputs: never quality figures.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rldiff.rl.export import MODULES_IN_CHECKPOINT, export_policy
+
+
+def untrained_policy(
+    out_dir, model: str, budgets: tuple[int, ...], base_schedules=None, seed: int = 0
+) -> Path:
+    """Writes an exported policy for ``model`` to ``out_dir`` and returns it.
+
+    ``base_schedules`` (``{budget: sigmas}``) is the base schedule; None means the logSNR split,
+    which serves any budget.
+    """
+    import gymnasium as gym
+
+    from rldiff.config import TrainConfig
+    from rldiff.core.routing import N_EXPERTS, OBS_DIM
+    from rldiff.rl.algo import ROUTER, build_config, module_ids
+
+    torch.manual_seed(seed)
+    cfg = TrainConfig(model=model, budgets=tuple(budgets), base_schedules=base_schedules)
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    ids = module_ids()
+    spaces = {
+        m: (obs_space, gym.spaces.Discrete(N_EXPERTS) if m == ROUTER else expert_space) for m in ids
+    }
+    multi = build_config(cfg).get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp)
+        for m in ids:
+            multi[m].save_to_path(checkpoint.joinpath(*MODULES_IN_CHECKPOINT, m))
+        summary = {"untrained": True, "iteration": 0}
+        return export_policy(checkpoint, Path(out_dir), cfg, base_schedules, summary)
