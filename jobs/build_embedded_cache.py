@@ -1,8 +1,10 @@
 """Recompute and re-ship the embedded model's precomputed evaluation inputs.
 
 What it does: runs the evaluation protocol on the embedded model at the default settings (which
-builds, or reuses from ``--cache``, the reference banks of the held-out and training seeds, the
-optimised global schedules and the baseline scores), then copies exactly those files into
+builds, or reuses from ``--cache``, the reference banks of the held-out and training seeds over the
+condition mix, the optimised global and per-guidance schedules, the oracle's per-sample plans and
+the baseline scores), adds the training seeds' banks at each guidance scale (what training reads),
+then copies exactly those files into
 ``rldiff/assets/embedded-cache/``, from where ``rldiff.data.shipped_cache.seed_cache`` puts them into a
 fresh cache so the main job does not spend its first ~25 minutes recomputing them.
 
@@ -32,14 +34,17 @@ def main() -> int:
     args = parser.parse_args()
 
     from rldiff.data.models import EMBEDDED, load_model
-    from rldiff.data.reference import bank_path
+    from rldiff.data.reference import bank_path, seed_bank
     from rldiff.data.shipped_cache import SCHEDULES, SHIPPED
     from rldiff.evaluation.protocol import (
+        EVAL_SEED_OFFSET,
         MODEL_CHECK,
         EvaluateConfig,
         ScoreCache,
+        guidance_schedules,
         load_score,
         optimise_global_schedules,
+        oracle_specs,
         policy_specs,
         run_evaluation,
         save_score,
@@ -51,17 +56,24 @@ def main() -> int:
         cfg = EvaluateConfig(out=Path(out), cache=args.cache, bandit_rounds=0, ray="local")
         run_evaluation(cfg)  # everything below now exists in the cache
     denoiser = load_model(EMBEDDED)
+    steps, seeds = cfg.reference_steps, list(range(cfg.n_train))
     banks = [
-        bank_path(args.cache, denoiser, name, n, cfg.guidance, cfg.reference_steps)
+        bank_path(args.cache, denoiser, name, n, cfg.guidance, steps)
         for name, n in (("eval", cfg.n_samples), ("train", cfg.n_train))
     ]
+    for g in cfg.guidance:  # what training reads: every training seed at every scale
+        seed_bank(args.cache, denoiser, "train", seeds, g, steps)
+        banks.append(bank_path(args.cache, denoiser, "train", cfg.n_train, g, steps))
     train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
+    held_out = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
     sigmas = optimise_global_schedules(cfg, denoiser, train, use_ray=False)  # cached: no search
+    own = guidance_schedules(cfg, denoiser, train, use_ray=False)
+    oracle = oracle_specs(cfg, denoiser, held_out, own, use_ray=False)  # cached: no search
     key = schedule_cache_key(cfg, denoiser)
     schedules = json.loads((args.cache / SCHEDULES).read_text())
     mine = {k: v for k, v in schedules.items() if k.startswith(f"{key}|")}
     scores = ScoreCache(cfg, denoiser)
-    paths = [scores.path(s) for s in policy_specs(cfg, sigmas) + [MODEL_CHECK]]
+    paths = [scores.path(s) for s in policy_specs(cfg, sigmas) + oracle + [MODEL_CHECK]]
 
     shutil.rmtree(SHIPPED, ignore_errors=True)
     (SHIPPED / "scores").mkdir(parents=True)
@@ -69,6 +81,9 @@ def main() -> int:
         shutil.copyfile(bank, SHIPPED / bank.name)
     for path in paths:  # saved anew: older cache entries may hold the whole batch, not the grid
         save_score(SHIPPED / "scores" / path.name, load_score(path))
+    (SHIPPED / "oracle").mkdir()
+    for spec in oracle:
+        shutil.copyfile(spec.path, SHIPPED / "oracle" / Path(spec.path).name)
     (SHIPPED / SCHEDULES).write_text(json.dumps(mine, indent=1))
     files = sorted(p for p in SHIPPED.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)

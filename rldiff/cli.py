@@ -48,6 +48,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratios(args: argparse.Namespace) -> int:
+    from rldiff.evaluation import ratios
+
+    return ratios.run(args)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from rldiff import submit
 
@@ -97,6 +103,12 @@ COMMANDS = (
         "multi-agent PPO on the router + experts; export and evaluate the policy",
         "rldiff.rl.train_args",
         _train,
+    ),
+    Command(
+        "ratios",
+        "the ratios that judge the router, from results.parquet",
+        "rldiff.evaluation.ratios",
+        _ratios,
     ),
     Command(
         "submit",

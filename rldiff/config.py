@@ -27,10 +27,12 @@ MODEL = EMBEDDED  # the default model of every command
 MODEL_HELP = "embedded | gmm | a diffusers directory"
 CACHE = ".cache/rldiff"  # reference banks, optimised schedules and scores
 BUDGETS = (3, 4, 5, 6, 8, 10)  # NFE budgets
+TARGET_BUDGETS = (4, 5, 6)  # the budgets the router is judged at (``rldiff ratios``)
 N_TRAIN = 128  # training / optimisation seeds 0 .. N_TRAIN - 1 (held-out seeds never overlap)
 REFERENCE_STEPS = 200  # steps of a reference solve (checked against twice as many)
-GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun")  # deterministic: RMSE to the ODE is fair
+GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun", "ipndm")  # deterministic: RMSE is fair
 HELD_OUT = 512  # held-out samples of an evaluation
+GUIDANCE_MIX = (1.0, 2.0, 4.0, 7.5)  # the condition mix (equal weight): the best solver changes
 LOOPBACK = "127.0.0.1"  # every server listens here unless told otherwise
 
 
@@ -306,9 +308,20 @@ class EvaluateConfig:
         "solvers whose schedule is optimised per budget",
         parse=names(GLOBAL_SOLVERS),
     )
-    guidance: float = setting(1.0, "classifier-free guidance scale of every sample", parse=float)
+    guidance: tuple[float, ...] = setting(
+        GUIDANCE_MIX,
+        "guidance scales of the condition mix, equal weight (comma-separated; one: a single "
+        "condition)",
+        parse=non_negative_numbers,
+    )
     reference_steps: int = setting(REFERENCE_STEPS, "steps of the reference solve", parse=positive)
     search: SearchConfig = setting(factory=SearchConfig, prefix="search-")
+    oracle_rounds: int = setting(
+        2,
+        "coordinate-search passes of the oracle's per-sample schedules (0: the best table "
+        "candidate per sample only)",
+        parse=non_negative,
+    )
     adaptive_tol: float = setting(
         0.003, "error tolerance of the adaptive controller (pixel RMS)", parse=number_above(0.0)
     )
@@ -339,7 +352,9 @@ class TrainConfig:
     batch_size: int = setting(32, "samples per episode (one env step advances all)", parse=positive)
     budgets: tuple[int, ...] = setting(BUDGETS, "NFE budgets, drawn per sample", parse=budgets)
     guidance: tuple[float, ...] = setting(
-        (1.0,), "guidance scales, drawn per sample (comma-separated)", parse=non_negative_numbers
+        GUIDANCE_MIX,
+        "guidance scales, drawn per sample (comma-separated)",
+        parse=non_negative_numbers,
     )
     cost_per_nfe: float | tuple[float, ...] = setting(
         0.0,
@@ -352,13 +367,21 @@ class TrainConfig:
         parse=positive,
     )
     base_expert: str = setting(
-        "unipc", "solver of the base schedule that defines reward 0", choices=EXPERT_NAMES
+        "unipc",
+        "the ppo-single ablation's expert; with one base schedule for all experts, its solver "
+        "(with own schedules the table defines reward 0)",
+        choices=EXPERT_NAMES,
     )
     experts: tuple[str, ...] | None = setting(
         None, "experts in play (default: all; one: no router)", parse=names(EXPERT_NAMES)
     )
-    base_schedules: dict[int, list[float]] | None = setting(
-        None, "budget -> sigmas of the base schedule (None: the logSNR split)", cli=False
+    base_schedules: dict[int, list[float]] | list[dict] | None = setting(
+        None,
+        "budget -> sigmas of one base schedule, or each expert's own schedules per budget and "
+        "guidance ({solver, budget, guidance, sigmas, train_rmse} entries; the lowest training "
+        "RMSE per budget and guidance is the table the reward compares against); None: the "
+        "logSNR split",
+        cli=False,
     )
     step_range: float = setting(
         STEP_RANGE,

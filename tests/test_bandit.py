@@ -10,7 +10,7 @@ from rldiff.core.routing import BaseSchedule
 from rldiff.core.sampler import sample
 from rldiff.core.schedules import get_schedule
 from rldiff.core.seeds import initial_noise
-from rldiff.core.solvers import expert_index
+from rldiff.core.solvers import EXPERT_NAMES, expert_index
 from rldiff.data.models import load_model
 from rldiff.rl.env import env_defaults, training_references
 
@@ -57,7 +57,7 @@ def test_greedy_policy_respects_budgets_and_round_trips(training, tmp_path):
     run = sample(denoiser, bandit, noise[:16], cond[:16], budget)
     assert (run.nfe <= budget).all() and (run.nfe >= 1).all()
     assert all(r.confidence is not None for r in run.steps)
-    assert run.steps[0].confidence[0] == pytest.approx(1 - 0.2 + 0.2 / 5)
+    assert run.steps[0].confidence[0] == pytest.approx(1 - 0.2 + 0.2 / len(EXPERT_NAMES))
 
     b, step = bandit.contexts([4, 10, 8], [0, 20, 7])  # the nearest trained budget, last row
     assert b.tolist() == [0, 2, 2] and step.tolist() == [0, 7, 7]

@@ -59,7 +59,7 @@ def test_top_level_help_lists_every_subcommand_and_imports_none():
     code, out, err, modules = rldiff("--help", blocked=SERVE)
     assert code == 0, err
     words = " ".join(out.split())  # argparse wraps the help lines
-    assert "{pretrain,evaluate,train,submit,serve,tune}" in words
+    assert "{pretrain,evaluate,train,ratios,submit,serve,tune}" in words
     for command in COMMANDS:
         assert f" {command.name} {command.help}" in words
     assert modules == {"rldiff", "rldiff.cli"}
@@ -119,9 +119,10 @@ def test_evaluate_runs_with_ray_serve_unimportable(tmp_path):
     )  # fmt: skip
     assert code == 0, err[-3000:]
     assert f"report: {out_dir / 'report.md'}" in out
-    import pyarrow.parquet as pq
 
-    rows = pq.read_table(out_dir / "results.parquet").to_pylist()
+    from rldiff.evaluation.ratios import pooled_rows
+
+    rows = pooled_rows(out_dir)
     assert {r["budget"] for r in rows} == {4, 6}
     assert {"fixed:euler/karras", "global:dpmpp-2m", "bandit"} <= {r["policy"] for r in rows}
     assert not any(m.startswith(("ray.serve", "rldiff.serving")) for m in modules)

@@ -7,13 +7,13 @@ import math
 import re
 import warnings
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from rldiff.core.denoisers import UNCONDITIONAL, Condition, labels_for_seeds, load_denoiser
 from rldiff.core.noise import DiscreteVP
 from rldiff.core.schedules import get_schedule
+from rldiff.evaluation.ratios import pooled_rows
 
 F64 = torch.float64
 SCHEDULE_CONFIGS = {
@@ -239,8 +239,10 @@ def test_evaluate_a_cosine_v_prediction_model_without_a_metric_network(tmp_path,
             "--bandit-rounds", "0", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--ray", "off"]  # fmt: skip
     assert main(argv) == 0
-    rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(rows) == 2 * 2 + 1 + 1  # hand-built, global, adaptive
+    rows = pooled_rows(out)
+    assert (
+        len(rows) == 2 * 2 + 1 + 1 + 1 + 1
+    )  # hand-built, global, table, oracle, adaptive  # hand-built, global, adaptive
     for r in rows:
         assert math.isnan(r["fd"]) and math.isnan(r["confidence"])
         assert r["max_nfe"] <= 4 and math.isfinite(r["rmse_mean"])

@@ -130,7 +130,7 @@ def test_step_action_scales_the_log_step(env_config):
             (obs.sigma / d.sigma_next).log()[inside], (h_base * factor)[inside]
         )
     stochastic = decision_from_actions(
-        obs, [N_EXPERTS - 1] * b, np.tile([0.0, 0.5], (b, 1)), BaseSchedule()
+        obs, [expert_index("euler-ancestral")] * b, np.tile([0.0, 0.5], (b, 1)), BaseSchedule()
     )
     assert torch.allclose(stochastic.eta, torch.full((b,), 0.75, dtype=torch.float64))
     policy = BaseSchedulePolicy("unipc", BaseSchedule())

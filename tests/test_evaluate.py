@@ -8,15 +8,16 @@ import torch
 
 from rldiff.baselines.global_schedule import optimise_schedule
 from rldiff.cli import main
-from rldiff.config import EvaluateConfig, SearchConfig
+from rldiff.config import GLOBAL_SOLVERS, GUIDANCE_MIX, EvaluateConfig, SearchConfig
 from rldiff.core.policies import fixed_policy
 from rldiff.core.sampler import sample
 from rldiff.core.seeds import initial_noise
 from rldiff.evaluation.protocol import EVAL_SEED_OFFSET, policy_specs
+from rldiff.evaluation.ratios import POOLED, load_rows, pooled_rows
 
 REQUIRED_COLUMNS = {
     "policy", "budget", "mean_nfe", "max_nfe", "rmse_mean", "rmse_p90", "fd", "confidence",
-    "seconds_per_sample", "n_samples",
+    "seconds_per_sample", "n_samples", "guidance", "usage_by_step",
 }  # fmt: skip
 
 
@@ -33,7 +34,7 @@ def evaluated(tmp_path_factory):
 def test_outputs_exist_and_results_have_the_protocol_columns(evaluated):
     table = pq.read_table(evaluated / "results.parquet")
     assert set(table.column_names) >= REQUIRED_COLUMNS
-    rows = table.to_pylist()
+    rows = pooled_rows(evaluated)
     budgets = {r["budget"] for r in rows}
     assert budgets == {4, 6}
     for r in rows:
@@ -48,7 +49,7 @@ def test_outputs_exist_and_results_have_the_protocol_columns(evaluated):
 
 def test_bandit_router_is_scored_at_every_budget(evaluated):
     """Protocol policy 4: the epsilon-greedy bandit, trained on the training seeds, saved."""
-    rows = pq.read_table(evaluated / "results.parquet").to_pylist()
+    rows = pooled_rows(evaluated)
     bandit = {r["budget"]: r for r in rows if r["policy"] == "bandit"}
     assert sorted(bandit) == [4, 6]
     for budget, r in bandit.items():
@@ -159,10 +160,55 @@ def test_baseline_scores_are_cached_and_rerun_identically(evaluated, tmp_path, c
             "--bandit-rounds", "2", "--out", str(tmp_path), "--cache", str(evaluated / "cache"),
             "--ray", "off"]  # fmt: skip
     assert main(argv) == 0
-    assert f"{len(entries) - 1} of {len(entries) + 2} scores from" in capsys.readouterr().out
+    # the bandit and the table (2 budgets each) are always scored afresh
+    assert f"{len(entries) - 1} of {len(entries) + 4} scores from" in capsys.readouterr().out
     first = pq.read_table(evaluated / "results.parquet").to_pylist()
     again = pq.read_table(tmp_path / "results.parquet").to_pylist()
     assert [r["policy"] for r in again] == [r["policy"] for r in first]
     for a, b in zip(first, again, strict=True):
         keys = {"rmse_mean", "fd", "mean_nfe"} if a["family"] != "bandit" else {"mean_nfe"}
         assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-9)
+
+
+def test_the_condition_mix_pooled_and_per_guidance_rows(evaluated):
+    """One row per (policy, budget, guidance) and a pooled row (guidance NaN) that weighs every
+    scale the same; the held-out samples split evenly over the mix."""
+    rows = load_rows(evaluated)
+    pooled = {(r["policy"], r["budget"]): r for r in rows if r["guidance"] == POOLED}
+    per = [r for r in rows if r["guidance"] != POOLED]
+    assert {r["guidance"] for r in per} == set(GUIDANCE_MIX)
+    assert {"table", "oracle"} <= {p for p, _ in pooled}
+    for (policy, budget), r in pooled.items():
+        mine = [p for p in per if (p["policy"], p["budget"]) == (policy, budget)]
+        assert sorted(p["guidance"] for p in mine) == sorted(GUIDANCE_MIX)
+        assert [p["n_samples"] for p in mine] == [10] * 4 and r["n_samples"] == 40
+        assert r["rmse_mean"] == pytest.approx(sum(p["rmse_mean"] for p in mine) / 4, rel=1e-12)
+
+
+def test_table_is_the_best_own_schedule_and_the_oracle_bounds_it(evaluated):
+    """The table picks, per (budget, guidance), the solver whose schedule optimised on that
+    guidance's training seeds had the lowest training RMSE; the oracle (the best table candidate
+    per held-out sample, then refined) is never worse than the table on any group."""
+    schedules = json.loads((evaluated / "cache" / "global-schedules.json").read_text())
+    table = json.loads((evaluated / "table.json").read_text())
+    assert {(e["budget"], e["guidance"]) for e in table} == {
+        (b, g) for b in (4, 6) for g in GUIDANCE_MIX
+    }
+    for e in table:
+        tag = f"|{e['budget']}|g{e['guidance']:g}"
+        mine = {k.split("|")[1]: v["train_rmse"] for k, v in schedules.items() if k.endswith(tag)}
+        assert sorted(mine) == sorted(GLOBAL_SOLVERS)
+        assert e["solver"] == min(mine, key=mine.get)
+    rows = load_rows(evaluated)
+    rmse = {(r["policy"], r["budget"], r["guidance"]): r["rmse_mean"] for r in rows}
+    for (policy, budget, guidance), value in rmse.items():
+        if policy == "oracle":
+            assert value <= rmse[("table", budget, guidance)] + 1e-9
+
+
+def test_ratios_command_prints_the_judging_ratios(evaluated, capsys):
+    assert main(["ratios", str(evaluated), "--budgets", "4,6"]) == 0
+    out = capsys.readouterr().out
+    assert "oracle / table" in out and "| 4 | all |" in out and "| 6 | 7.5 |" in out
+    assert main(["ratios", str(evaluated / "nowhere")]) == 2
+    assert "no results.parquet" in capsys.readouterr().err

@@ -21,7 +21,8 @@ from rldiff.data.models import EMBEDDED, EXACT_GMM, load_model
 from rldiff.data.reference import bank_path
 from rldiff.data.shipped_cache import SHIPPED
 embedded = load_model(EMBEDDED)
-banks = [bank_path(SHIPPED, embedded, n, k, 1.0, 200).exists() for n, k in (("eval", 512), ("train", 128))]
+from rldiff.config import GUIDANCE_MIX
+banks = [bank_path(SHIPPED, embedded, n, k, GUIDANCE_MIX, 200).exists() for n, k in (("eval", 512), ("train", 128))]
 print(json.dumps({
     "capability": torch.backends.cpu.get_cpu_capability(),
     "embedded": model_fingerprint(embedded),

@@ -4,6 +4,7 @@ deployed as ``serve deploy`` deploys ``serve/config.yaml``: 401/200, served == s
 fuzz, batch calls, and a hot swap under load with its failed requests counted."""
 
 import json
+import math
 import random
 import shutil
 import socket
@@ -54,7 +55,14 @@ def policy_root(tmp_path_factory, gmm):
     }
     untrained_policy(root / "good" / "policy", "gmm", BUDGETS, schedules)
     rows = [
-        {"policy": name, "family": family, "budget": b, "rmse_mean": rmse, "mean_nfe": float(b)}
+        {
+            "policy": name,
+            "family": family,
+            "budget": b,
+            "guidance": math.nan,
+            "rmse_mean": rmse,
+            "mean_nfe": float(b),
+        }  # fmt: skip
         for b in BUDGETS
         for name, family, rmse in [
             ("fixed:euler/karras", "hand-built", 0.2),
@@ -62,9 +70,21 @@ def policy_root(tmp_path_factory, gmm):
             ("global:unipc", "global", 0.05),
         ]
     ]
+    rows += [  # a per-guidance row better than every pooled one: the fallback reads the pooled rows
+        {"policy": "fixed:euler/karras", "family": "hand-built", "budget": b, "guidance": 7.5,
+         "rmse_mean": 0.01, "mean_nfe": float(b)}
+        for b in BUDGETS
+    ]  # fmt: skip
     (root / "good" / "evaluation").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "good" / "evaluation" / "results.parquet")
     (root / "good" / "evaluation" / "config.json").write_text(json.dumps({"model": "gmm"}))
+    own = [  # each expert's own schedules per budget and guidance: the table is served
+        {"solver": solver, "budget": b, "guidance": g, "sigmas": schedules[b], "train_rmse": r}
+        for b in BUDGETS
+        for g in (1.0, 7.5)
+        for solver, r in (("unipc", 0.1 if g == 1.0 else 0.3), ("dpmpp-2m", 0.2))
+    ]
+    untrained_policy(root / "table" / "policy", "gmm", BUDGETS, own)
     shutil.copytree(root / "good" / "policy", root / "copy" / "policy")
     (root / "broken" / "policy").mkdir(parents=True)
     (root / "broken" / "policy" / "policy.json").write_text("{not json")
@@ -226,6 +246,22 @@ def test_degraded_service_serves_the_best_hand_built_schedule(gmm, policy_root):
     (response,) = run_jobs(c, [job])
     assert response["degraded"] and response["policy"] == "fixed:heun/karras"
     assert c.info()["degraded"] and "global:unipc" not in c.names()
+
+
+def test_a_policy_with_own_schedules_serves_its_conditional_table(gmm, policy_root):
+    c = Catalog("gmm", gmm, policy_root)
+    assert c.swap("table/policy"), c.last_swap
+    assert "table" in c.names() and not any(n.startswith("global:") for n in c.names())
+    name, _, table = c.resolve("table", 4)
+    assert name == "table" and table.entry(4, 1.0).solver == "unipc"
+    assert table.entry(4, 7.5).solver == "dpmpp-2m"
+    with pytest.raises(LookupError, match="no budget 5"):
+        c.resolve("table", 5)
+    job = check_generate({"seeds": [3, 4], "budget": 6, "guidance": 7.5}, Limits())
+    (response,) = run_jobs(c, [job])
+    assert response["policy"] == "moe"
+    steps = response["samples"][0]["schedule"]
+    assert steps[0]["expert"] == "dpmpp-2m"  # the untrained router's argmax: action 0, the table's
 
 
 def test_learned_policy_refuses_budgets_it_was_not_trained_for(catalog):

@@ -31,13 +31,18 @@ def test_missing_files_are_copied_and_nothing_is_overwritten(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no precomputed files shipped")
 def test_shipped_banks_belong_to_the_shipped_embedded_model():
+    from rldiff.config import GUIDANCE_MIX
     from rldiff.core.fingerprint import model_fingerprint
     from rldiff.data.models import EMBEDDED, load_model
     from rldiff.data.reference import load_reference
 
     fingerprint = model_fingerprint(load_model(EMBEDDED))
     banks = sorted(SHIPPED.glob("reference-*.parquet"))
-    assert len(banks) == 2  # the held-out and the training seeds
+    # The held-out and the training seeds over the guidance mix, and the training seeds at each
+    # scale alone (the per-guidance schedule search).
+    tags = {path.name.split("-")[4] for path in banks}
+    assert tags == {"g1,2,4,7.5", *(f"g{g:g}" for g in GUIDANCE_MIX)}
+    assert len(banks) == 2 + len(GUIDANCE_MIX)
     for path in banks:
         assert path.name.startswith(f"reference-{fingerprint[:12]}-")
         bank = load_reference(path)
@@ -45,3 +50,4 @@ def test_shipped_banks_belong_to_the_shipped_embedded_model():
     keys = json.loads((SHIPPED / SCHEDULES).read_text())
     assert keys and all(k.startswith(fingerprint[:16]) for k in keys)
     assert len(list((SHIPPED / "scores").glob("*.pt"))) > 100
+    assert len(list((SHIPPED / "oracle").glob("*.pt"))) >= 3  # one per evaluated budget at least

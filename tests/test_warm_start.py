@@ -14,6 +14,7 @@ from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.data.models import load_model
 from rldiff.rl.algo import (
     ROUTER,
@@ -29,6 +30,11 @@ from rldiff.rl.env import RoutingEnv, training_references
 
 EXPERTS = ("heun", "unipc", "euler")  # a subset, base expert (unipc) at router action 1
 BASE = EXPERTS.index("unipc")
+OWN_SCHEDULES = [  # own schedules of two experts at one budget: the table is unipc at guidance 1
+    {"solver": s, "budget": 4, "guidance": 1.0, "sigmas": [80.0, 5.0, 1.0, 0.1, 0.0],
+     "train_rmse": r}
+    for s, r in (("unipc", 0.1), ("euler", 0.2))
+]  # fmt: skip
 TOLERANCE = 0.05  # the output layer's weights keep their random init: logits vary a little
 
 
@@ -133,7 +139,7 @@ def test_modules_start_as_the_default_ones_plus_the_warm_start(ray_local, tiny):
     warm = initial_states(build_config(tiny))
     default = initial_states(default_modules(tiny))
     expected = warm_started(default, tiny)
-    assert warm.keys() == expected.keys() and len(warm) == 12  # router + 5 experts, twice
+    assert warm.keys() == expected.keys() and len(warm) == 2 * (1 + len(EXPERT_NAMES))  # twice
     for m, state in expected.items():
         assert warm[m].keys() == state.keys()
         for key, value in state.items():
@@ -148,8 +154,9 @@ def test_the_modules_are_rllibs_default_ones_with_the_warm_start_keys(tiny):
     spec = config.rl_module_spec.rl_module_specs
     assert {spec[m].module_class for m in spec} == {WarmStartPPOModule}
     assert issubclass(WarmStartPPOModule, DefaultPPOTorchRLModule)
+    other = 0.2 / (len(EXPERT_NAMES) - 1)
     assert spec[ROUTER].model_config["initial_probs"] == pytest.approx(
-        [0.05] * 2 + [0.8] + [0.05] * 2
+        [other] * 2 + [0.8] + [other] * (len(EXPERT_NAMES) - 3)
     )
     assert spec["expert_2"].model_config["initial_std"] == 0.3
     assert "initial_std" not in spec[ROUTER].model_config
@@ -161,8 +168,12 @@ def test_the_modules_are_rllibs_default_ones_with_the_warm_start_keys(tiny):
     with pytest.raises(ValueError, match="expert_init_std"):
         build_config(dataclasses.replace(tiny, expert_init_std=-0.1))
     assert warm_start_note(tiny) == (
-        "router warm start: euler 0.05 dpmpp-2m 0.05 unipc 0.80 heun 0.05 euler-ancestral 0.05"
+        "router warm start: euler 0.04 dpmpp-2m 0.04 unipc 0.80 heun 0.04 euler-ancestral 0.04 "
+        "ipndm 0.04"
     )
+    table = dataclasses.replace(tiny, base_schedules=OWN_SCHEDULES)  # action 0: the table's expert
+    assert router_warm_start_probs(table)[0] == pytest.approx(0.8)
+    assert warm_start_note(table) == "router warm start: the table's expert 0.80, each other 0.04"
     absent = dataclasses.replace(tiny, experts=("euler", "heun"))
     assert warm_start_note(absent) == "router warm start skipped: base expert unipc is not in play"
     assert warm_start_note(dataclasses.replace(tiny, experts=("unipc",))) is None
@@ -189,7 +200,7 @@ def runner_routers(algo) -> list:
 
 def test_target_probabilities_follow_the_experts_in_play():
     full = router_warm_start_probs(TrainConfig(router_warm_start=0.6))
-    np.testing.assert_allclose(full, [0.1, 0.1, 0.6, 0.1, 0.1])  # unipc is expert 2 of 5
+    np.testing.assert_allclose(full, [0.08, 0.08, 0.6, 0.08, 0.08, 0.08])  # unipc: expert 2 of 6
     sub = router_warm_start_probs(TrainConfig(experts=EXPERTS, base_expert="unipc"))
     np.testing.assert_allclose(sub, [0.1, 0.8, 0.1])
     assert router_warm_start_probs(TrainConfig(experts=("euler", "heun"))) is None  # base absent

@@ -26,6 +26,7 @@ from rldiff.core.routing import (
     BaseSchedule,
     decision_from_actions,
     observation_vector,
+    routed_experts,
 )
 from rldiff.core.solvers import EXPERT_NAMES, expert_index
 
@@ -79,7 +80,7 @@ class LearnedPolicy:
             else:
                 probs = torch.softmax(self.router(x).double(), dim=1)
                 confidence, choice = probs.max(dim=1)
-            experts = torch.tensor(self.experts, dtype=torch.long)[choice]
+            experts = routed_experts(obs, choice, list(self.experts), self.base)
             actions = torch.zeros(b, 2, dtype=torch.float64)
             for k in experts.unique().tolist():
                 rows = experts == k

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from rldiff.baselines.bandit import BanditPolicy
-from rldiff.core.policies import AdaptivePolicy, FixedSchedulePolicy, fixed_policy
+from rldiff.core.policies import AdaptivePolicy, FixedSchedulePolicy, PlanPolicy, fixed_policy
 
 
 @dataclass(frozen=True)
@@ -17,17 +17,24 @@ class PolicySpec:
     """A picklable description of one policy at one budget."""
 
     name: str
-    family: str  # hand-built | global | adaptive | learned | bandit | model
+    family: str  # hand-built | global | table | oracle | adaptive | learned | bandit | model
     solver: str
     budget: int
     schedule: str = ""
     sigmas: tuple[float, ...] = ()
     tol: float = 0.0
-    path: str = ""  # learned: an exported policy directory; bandit: a saved bandit.json
+    path: str = ""  # learned: an exported policy directory; bandit / table / oracle: its file
 
     def build(self, noise_table):
         if self.family == "bandit":
             return BanditPolicy.load(self.path)
+        if self.family == "table":
+            from rldiff.baselines.table import TablePolicy
+
+            return TablePolicy.load(self.path, name=self.name)
+        if self.family == "oracle":  # a plan per held-out sample, in the evaluation's order
+            plan = torch.load(self.path, weights_only=True)
+            return PlanPolicy(plan["experts"], plan["sigmas"], name=self.name)
         if self.family == "learned":
             from rldiff.baselines.learned import LearnedPolicy
 

@@ -31,6 +31,15 @@ def labels_for_seeds(seeds, num_classes: int) -> list[int]:
     return [s % num_classes for s in seeds]
 
 
+def guidance_for_seeds(seeds, mix) -> list[float]:
+    """The guidance scale of each seed in a condition mix: ``mix[(seed + seed // 10) % len(mix)]``.
+    Ten consecutive seeds from a multiple of ten cycle through the scales (for up to ten of them),
+    and the scale shifts by one every ten seeds, so each class (``seed % 10``) meets every scale
+    (``seed % len(mix)`` alone would tie even classes to half the scales); one float: every seed."""
+    mix = [float(g) for g in (mix if isinstance(mix, list | tuple) else [mix])]
+    return [mix[(int(s) + int(s) // 10) % len(mix)] for s in seeds]
+
+
 @dataclass(frozen=True)
 class Condition:
     """Per-sample conditioning: class label (``UNCONDITIONAL`` for none) and guidance scale."""

@@ -128,3 +128,21 @@ def fixed_policy(solver: str, schedule: str, budget: int, noise) -> FixedSchedul
     sigmas = get_schedule(schedule, steps_for_budget(solver, budget), noise)
     eta = 1.0 if EXPERTS[expert_index(solver)].stochastic else 0.0  # ancestral sampling proper
     return FixedSchedulePolicy(solver, sigmas, eta=eta, name=f"fixed:{solver}/{schedule}")
+
+
+class PlanPolicy:
+    """A fixed plan per sample of a batch: ``experts`` [B] and ``sigmas`` [B, L] (each row
+    decreasing, then zeros: a row's first 0 is its final jump), indexed by batch position."""
+
+    def __init__(self, experts: torch.Tensor, sigmas: torch.Tensor, name: str = "plan"):
+        self.expert_of = torch.as_tensor(experts, dtype=torch.long)
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        self.experts = sorted(set(self.expert_of.tolist()))
+        self.name = name
+
+    def act(self, obs: Observation) -> Decision:
+        step = (obs.step + 1).clamp_max(self.sigmas.shape[1] - 1)
+        nxt = self.sigmas[obs.index, step]
+        nxt = torch.where(obs.step + 1 >= self.sigmas.shape[1], torch.zeros_like(nxt), nxt)
+        b = len(obs.index)
+        return Decision(self.expert_of[obs.index], nxt, torch.zeros(b, dtype=torch.float64))

@@ -30,7 +30,7 @@ COST_SCALE = 50.0  # the cost feature is cost_per_nfe * 50 (1.0 at a cost of 0.0
 OBS_DIM = 8 + (N_EXPERTS + 1) + 11 + 2
 # Bump when observation_vector changes meaning: a policy trained on another layout would act on
 # the wrong features without any error.
-OBS_LAYOUT_VERSION = 1
+OBS_LAYOUT_VERSION = 2  # 2: six experts (iPNDM), router actions relative to the table
 
 
 STEP_RANGE = 1.5  # a step action of +-1 scales the base log-step by STEP_RANGE^+-1
@@ -38,26 +38,62 @@ STEP_RANGE = 1.5  # a step action of +-1 scales the base log-step by STEP_RANGE^
 
 @dataclass(frozen=True)
 class BaseSchedule:
-    """The base schedule each expert's step action scales around: per-budget sigmas (decreasing,
-    ending in 0; a budget without one is an error), or, with none, the budget-aware logSNR split.
+    """The base schedule each expert's step action scales around. Three forms:
+
+    - none: the budget-aware logSNR split, for every expert;
+    - ``schedules``: per-budget sigmas (decreasing, ending in 0), one for every expert;
+    - ``own``: each expert's own sigmas per (budget, guidance) (``OwnSchedule`` entries, as the
+      evaluation protocol optimises them), with ``table`` (budget, guidance) -> the expert whose
+      schedule had the lowest training RMSE: the conditional table. An expert steps around its own
+      schedule (an expert without one, around the table's); a guidance scale not listed takes the
+      nearest one; a budget not listed is an error.
+
     ``step_range`` is the factor a step action of +-1 scales the base log-step by."""
 
     schedules: dict[int, torch.Tensor] | None = None  # budget -> decreasing sigmas ending in 0
     step_range: float = STEP_RANGE
+    own: dict[tuple[int, int, float], torch.Tensor] | None = None  # (expert, budget, guidance)
+    table: dict[tuple[int, float], int] | None = None  # (budget, guidance) -> expert
 
     @classmethod
     def make(cls, schedules=None, step_range: float = STEP_RANGE) -> BaseSchedule:
-        """Accepts JSON-ish input (string budget keys, lists of sigmas)."""
+        """Accepts JSON-ish input: ``{budget: sigmas}`` (string budget keys allowed), or a list of
+        ``{"solver", "budget", "guidance", "sigmas", "train_rmse"}`` entries (own schedules)."""
+        if isinstance(schedules, list | tuple):
+            own, best = {}, {}
+            for e in schedules:
+                key = (expert_index(e["solver"]), int(e["budget"]), float(e["guidance"]))
+                own[key] = torch.as_tensor(e["sigmas"], dtype=torch.float64)
+                where = key[1:]
+                if where not in best or e["train_rmse"] < best[where][1]:
+                    best[where] = (key[0], float(e["train_rmse"]))
+            table = {where: expert for where, (expert, _) in best.items()}
+            return cls(None, float(step_range), own, table)
         if schedules is not None:
             schedules = {
                 int(b): torch.as_tensor(s, dtype=torch.float64) for b, s in schedules.items()
             }
         return cls(schedules, float(step_range))
 
-    def sigma_next(self, obs: Observation) -> torch.Tensor:
-        """Each sample's base next sigma: 0 (a jump) once no NFE remains."""
+    def table_experts(self, obs: Observation) -> torch.Tensor | None:
+        """The table's expert per sample (None without own schedules)."""
+        if self.table is None:
+            return None
+        return torch.tensor(
+            [
+                self.table[self._where(b, g)]
+                for b, g in zip(obs.budget.tolist(), obs.guidance.tolist(), strict=True)
+            ],
+            dtype=torch.long,
+        )
+
+    def sigma_next(self, obs: Observation, experts=None) -> torch.Tensor:
+        """Each sample's base next sigma (for ``experts`` [b] where each has its own schedule;
+        None: the table's expert): 0 (a jump) once no NFE remains."""
         remaining = (obs.budget - obs.nfe).clamp_min(0).to(torch.float64)
-        if self.schedules is None:  # the budget-aware logSNR split (AdaptivePolicy's floor)
+        if self.own is not None:
+            nxt = self._own_next(obs, experts)
+        elif self.schedules is None:  # the budget-aware logSNR split (AdaptivePolicy's floor)
             span, h = budget_log_step(obs)
             nxt = torch.where(span > 0, obs.sigma * torch.exp(-h), 0.0)
         else:  # one base step further along the schedule than where the sample is now
@@ -70,6 +106,27 @@ class BaseSchedule:
                 rows = obs.budget == b
                 nxt[rows] = one_step_along(self.schedules[b], obs.sigma[rows])
         return torch.where(remaining > 0, nxt, torch.zeros_like(nxt))
+
+    def _where(self, budget: int, guidance: float) -> tuple[int, float]:
+        scales = [g for b, g in self.table if b == budget]
+        if not scales:
+            have = sorted({b for b, _ in self.table})
+            raise KeyError(f"no base schedule for budget {budget}: have {have}")
+        return budget, min(scales, key=lambda g: abs(g - guidance))
+
+    def _own_next(self, obs: Observation, experts) -> torch.Tensor:
+        table = self.table_experts(obs)
+        experts = table if experts is None else torch.as_tensor(experts, dtype=torch.long)
+        nxt = torch.zeros_like(obs.sigma)
+        keys = torch.stack(
+            [experts.double(), obs.budget.double(), obs.guidance.double().cpu(), table.double()], 1
+        )
+        for expert, budget, guidance, fallback in keys.unique(dim=0).tolist():
+            rows = (keys == torch.tensor([expert, budget, guidance, fallback])).all(1)
+            where = self._where(int(budget), guidance)
+            sigmas = self.own.get((int(expert), *where), self.own[(int(fallback), *where)])
+            nxt[rows] = one_step_along(sigmas, obs.sigma[rows])
+        return nxt
 
 
 def one_step_along(table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -106,6 +163,22 @@ def experts_in_use(names=None) -> list[int]:
     return out
 
 
+def routed_experts(obs: Observation, choices, experts: list[int], base: BaseSchedule):
+    """The expert of each router action ``j``: ``experts[(anchor + j) % len(experts)]``, where the
+    anchor is the position among ``experts`` of the table's expert for the sample's budget and
+    guidance (``BaseSchedule.table_experts``; 0 without own schedules, or where that expert is not
+    in play). So action 0 is always the conditional table's choice, and a router warm-started on
+    action 0 starts as the table, in every condition; without own schedules action j is
+    ``experts[j]``."""
+    choices = torch.as_tensor(np.asarray(choices), dtype=torch.long).reshape(-1)
+    anchor = torch.zeros_like(choices)
+    table = base.table_experts(obs)
+    if table is not None:
+        position = {e: i for i, e in enumerate(experts)}
+        anchor = torch.tensor([position.get(e, 0) for e in table.tolist()], dtype=torch.long)
+    return torch.as_tensor(experts, dtype=torch.long)[(anchor + choices) % len(experts)]
+
+
 def decision_from_actions(obs: Observation, experts, actions, base: BaseSchedule) -> Decision:
     """The sampler decision for expert choices ``experts`` [b] and expert actions ``[b, 2]``.
 
@@ -117,7 +190,7 @@ def decision_from_actions(obs: Observation, experts, actions, base: BaseSchedule
     """
     experts = torch.as_tensor(np.asarray(experts), dtype=torch.long).reshape(-1)
     a = torch.as_tensor(np.asarray(actions), dtype=torch.float64).reshape(-1, 2).clamp(-1, 1)
-    base_next = base.sigma_next(obs)
+    base_next = base.sigma_next(obs, experts)
     span = (obs.sigma / obs.sigma_min).log().clamp_min(0)
     jump = base_next <= 0
     h_base = torch.where(jump, span, (obs.sigma / base_next.clamp_min(1e-300)).log())
@@ -131,14 +204,18 @@ def decision_from_actions(obs: Observation, experts, actions, base: BaseSchedule
 
 
 class BaseSchedulePolicy:
-    """The base schedule itself as a ``Policy``: one expert, zero actions (defines reward 0)."""
+    """The base schedule itself as a ``Policy``: zero actions (defines reward 0) of one expert,
+    or, with own schedules, of the table's expert for each sample (the conditional table)."""
 
     def __init__(self, expert: str, base: BaseSchedule):
-        self.expert, self.base, self.name = expert_index(expert), base, f"base-schedule:{expert}"
+        self.expert, self.base = expert_index(expert), base
+        self.name = "base-schedule:" + ("table" if base.table is not None else expert)
 
     def act(self, obs: Observation) -> Decision:
         b = len(obs.index)
-        return decision_from_actions(obs, [self.expert] * b, np.zeros((b, 2)), self.base)
+        experts = self.base.table_experts(obs)
+        experts = [self.expert] * b if experts is None else experts
+        return decision_from_actions(obs, experts, np.zeros((b, 2)), self.base)
 
 
 def observation_vector(obs: Observation, base_next: torch.Tensor, cost_per_nfe) -> np.ndarray:

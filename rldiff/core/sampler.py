@@ -128,7 +128,9 @@ class Sampling:
             rows, self.x[rows], sigma, denoised, self.history[rows], decision
         )
         stochastic = torch.tensor([EXPERTS[e].stochastic for e in decision.expert.tolist()])
-        self.history.push(rows, x_start, sigma, denoised, ~(stochastic & (decision.eta > 0)))
+        self.history.push(
+            rows, self.x[rows], x_start, sigma, denoised, ~(stochastic & (decision.eta > 0))
+        )
         self.steps.append(
             StepRecord(
                 rows,

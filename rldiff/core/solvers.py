@@ -5,7 +5,8 @@ tensors of the samples that use it; ``denoised = D(x, sigma)`` is evaluated by t
 the step (it is shared by all solvers). A step that needs further evaluations is a generator that
 yields ``(rows, x, sigma)`` and receives ``D(x, sigma)`` back, so the sampler can serve all solvers'
 requests with one network call. A step returns ``(x_next, x_start)``: ``x_start`` is the point the
-step really started from (UniPC's corrector moves it), and is what the history keeps.
+step really started from (UniPC's corrector moves it), and is what the history keeps for UniC;
+iPNDM's eps = (x - D) / sigma are kept at the points where D was evaluated.
 
 The ODE is ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al., 2022, eq. 4 with s = 1).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-HISTORY = 2  # past denoised estimates kept: enough for UniC-2
+HISTORY = 3  # past estimates kept: enough for UniC-2 and iPNDM's fourth order
 
 
 @dataclass
@@ -25,31 +26,47 @@ class History:
     """Per-sample memory of past steps (newest first), independent of which solver made them."""
 
     denoised: torch.Tensor  # [B, HISTORY, *shape]
+    eps: torch.Tensor  # [B, HISTORY, *shape] (x - denoised) / sigma at the evaluation point x
     sigma: torch.Tensor  # [B, HISTORY] float64, 0 for an empty slot
     x_start: torch.Tensor  # [B, *shape] where the previous step started
-    ode: torch.Tensor  # [B] bool: the previous step followed the ODE (no noise was injected)
+    ode_run: torch.Tensor  # [B] long: newest slots whose steps followed the ODE (no noise injected)
 
     @classmethod
     def empty(cls, batch: int, shape: tuple[int, ...], dtype: torch.dtype, device=None) -> History:
         return cls(
             torch.zeros(batch, HISTORY, *shape, dtype=dtype, device=device),
+            torch.zeros(batch, HISTORY, *shape, dtype=dtype, device=device),
             torch.zeros(batch, HISTORY, dtype=torch.float64),  # bookkeeping stays on the CPU
             torch.zeros(batch, *shape, dtype=dtype, device=device),
-            torch.zeros(batch, dtype=torch.bool),
+            torch.zeros(batch, dtype=torch.long),
         )
 
     @property
     def count(self) -> torch.Tensor:
         return (self.sigma > 0).sum(1)
 
-    def __getitem__(self, rows) -> History:
-        return History(self.denoised[rows], self.sigma[rows], self.x_start[rows], self.ode[rows])
+    @property
+    def ode(self) -> torch.Tensor:
+        """The previous step followed the ODE."""
+        return self.ode_run > 0
 
-    def push(self, rows, x_start, sigma, denoised, ode) -> None:
+    def __getitem__(self, rows) -> History:
+        return History(
+            self.denoised[rows],
+            self.eps[rows],
+            self.sigma[rows],
+            self.x_start[rows],
+            self.ode_run[rows],
+        )
+
+    def push(self, rows, x, x_start, sigma, denoised, ode) -> None:
+        """Records D(x, sigma) evaluated at x, and the step from x_start it led to."""
+        eps = (x - denoised) / _b(sigma, x)
         self.denoised[rows] = torch.cat([denoised[:, None], self.denoised[rows, :-1]], dim=1)
+        self.eps[rows] = torch.cat([eps[:, None], self.eps[rows, :-1]], dim=1)
         self.sigma[rows] = torch.cat([sigma[:, None], self.sigma[rows, :-1]], dim=1)
         self.x_start[rows] = x_start
-        self.ode[rows] = ode
+        self.ode_run[rows] = torch.where(ode, (self.ode_run[rows] + 1).clamp_max(HISTORY), 0)
 
 
 def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -99,6 +116,28 @@ def euler_ancestral(x, sigma, sigma_next, denoised, history, eta, noise):
     if noise is not None:
         x_next = x_next + noise * _b(sigma_up, x)
     return x_next, x
+
+
+def ipndm(x, sigma, sigma_next, denoised, history, eta, noise):
+    """iPNDM (Zhang & Chen, 2023, DEIS sec. 4.2) in its variable-step form (diff-sampler's iPNDM_v):
+    Adams-Bashforth on eps = (x - D) / sigma in sigma over this and up to three past ODE estimates,
+    warm-starting at orders 1, 2, 3; to sigma = 0 it returns D (the final jump)."""
+    eps = (x - denoised) / _b(sigma, x)
+    nodes = torch.cat([sigma[:, None], history.sigma], dim=1)  # [B, j]
+    used = torch.arange(HISTORY + 1) <= history.ode_run[:, None]
+    pair = used[:, :, None] & used[:, None, :] & ~torch.eye(HISTORY + 1, dtype=torch.bool)
+    gap = (nodes[:, :, None] - nodes[:, None, :]).where(pair, 1)  # [B, j, m] node_j - node_m
+    # c_j = integral of the Lagrange basis L_j over [sigma, sigma_next]: degree <= 3, so the
+    # two-point Gauss-Legendre rule is exact
+    half = (sigma_next - sigma) / 2
+    gauss = torch.tensor([-1.0, 1.0], dtype=torch.float64) / 3**0.5
+    s = ((sigma + sigma_next) / 2)[:, None] + half[:, None] * gauss  # [B, q]
+    factor = (s[:, None, None, :] - nodes[:, None, :, None]) / gap[..., None]  # [B, j, m, q]
+    basis = factor.where(pair[..., None], 1).prod(2)  # [B, j, q] L_j(s_q)
+    coef = (half[:, None] * basis.sum(2)).where(used, 0)
+    weight = coef.to(x.device, x.dtype).view(*coef.shape, *([1] * (x.dim() - 1)))
+    x_next = x + (weight * torch.cat([eps[:, None], history.eps], dim=1)).sum(1)
+    return torch.where(_b(sigma_next > 0, x).bool(), x_next, denoised), x
 
 
 def multistep_predict(x, sigma, sigma_next, denoised, history):
@@ -155,6 +194,7 @@ EXPERTS: tuple[Expert, ...] = (
     Expert("unipc", unipc),
     Expert("heun", heun, extra_nfe=1),
     Expert("euler-ancestral", euler_ancestral, stochastic=True),
+    Expert("ipndm", ipndm),
 )
 EXPERT_NAMES: tuple[str, ...] = tuple(e.name for e in EXPERTS)
 

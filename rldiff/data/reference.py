@@ -346,23 +346,33 @@ def seed_bank(
     denoiser: Denoiser,
     name: str,
     seeds: list[int],
-    guidance: float,
+    guidance: float | tuple[float, ...],
     steps: int = REFERENCE_STEPS,
     progress: bool = True,
 ) -> Reference:
     """The cached bank of ``seeds`` (labels from ``labels_for_seeds``: ``seed % num_classes``, or
-    none for an unconditional model) at one guidance scale. The one naming rule for bank files:
-    model, seed set, guidance and solve are in the name, so training and evaluation share a bank
-    and different settings never collide."""
-    from rldiff.core.denoisers import labels_for_seeds
+    none for an unconditional model) at one guidance scale, or over a mix of them (each seed's
+    scale from ``guidance_for_seeds``). The one naming rule for bank files: model, seed set,
+    guidance and solve are in the name, so training and evaluation share a bank and different
+    settings never collide."""
+    from rldiff.core.denoisers import guidance_for_seeds, labels_for_seeds
 
-    cond = Condition.make(labels_for_seeds(seeds, denoiser.num_classes), guidance)
+    labels = labels_for_seeds(seeds, denoiser.num_classes)
+    cond = Condition.make(labels, guidance_for_seeds(seeds, guidance))
     path = bank_path(cache, denoiser, name, len(seeds), guidance, steps)
     return load_or_build(path, denoiser, seeds, cond, steps=steps, progress=progress)
 
 
-def bank_path(cache, denoiser: Denoiser, name: str, n: int, guidance: float, steps: int) -> Path:
+def guidance_tag(guidance: float | tuple[float, ...]) -> str:
+    """``g1`` for one scale, ``g1,2,4,7.5`` for a mix (in file names and cache keys)."""
+    scales = guidance if isinstance(guidance, list | tuple) else [guidance]
+    return "g" + ",".join(f"{float(g):g}" for g in scales)
+
+
+def bank_path(
+    cache, denoiser: Denoiser, name: str, n: int, guidance: float | tuple[float, ...], steps: int
+) -> Path:
     """Where ``seed_bank`` keeps the bank of ``n`` seeds called ``name``."""
     model = model_fingerprint(denoiser)[:12]
     solve = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{steps}"
-    return Path(cache) / f"reference-{model}-{name}-{n}-g{guidance:g}-{solve}.parquet"
+    return Path(cache) / f"reference-{model}-{name}-{n}-{guidance_tag(guidance)}-{solve}.parquet"

@@ -24,7 +24,9 @@ import torch
 
 from rldiff.baselines.bandit import train_bandit
 from rldiff.baselines.global_schedule import optimise_schedule
+from rldiff.baselines.oracle import oracle_plan
 from rldiff.baselines.specs import PolicySpec
+from rldiff.baselines.table import best_table
 from rldiff.config import EvaluateConfig, add_flags, from_flags
 from rldiff.core.denoisers import Condition
 from rldiff.core.error import rmse_per_sample
@@ -34,7 +36,7 @@ from rldiff.core.sampler import sample
 from rldiff.core.seeds import initial_noise
 from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.data.models import EMBEDDED, load_model, visible_device
-from rldiff.data.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, seed_bank
+from rldiff.data.reference import DEFAULT_SCHEDULE, DEFAULT_SOLVER, guidance_tag, seed_bank
 from rldiff.data.shipped_cache import seed_cache
 from rldiff.evaluation.parallel import parallel_map, use_tasks
 from rldiff.evaluation.quality import AUTO, distribution_metrics, metric_network_id
@@ -42,7 +44,13 @@ from rldiff.evaluation.quality import AUTO, distribution_metrics, metric_network
 EVAL_SEED_OFFSET = 1_000_000
 GRID_SAMPLES = 20  # samples kept per policy for the grids: two of each class
 SCHEDULE_SAMPLES = 30  # held-out samples per budget in ``chosen_schedules``
-CACHED_FAMILIES = ("hand-built", "global", "adaptive", "model")  # deterministic given the seeds
+CACHED_FAMILIES = (
+    "hand-built",
+    "global",
+    "oracle",
+    "adaptive",
+    "model",
+)  # deterministic given the seeds
 
 
 MODEL_CHECK = PolicySpec("fixed:unipc/logsnr-uniform", "model", "unipc", 50, "logsnr-uniform")
@@ -54,6 +62,16 @@ class SeedSet:
     cond: Condition
     noise: torch.Tensor
     reference: torch.Tensor
+
+    def at_guidance(self, guidance: float | None) -> SeedSet:
+        """The samples at one guidance scale (None, or a scale none of them has: all of them)."""
+        if guidance is None:
+            return self
+        rows = (self.cond.guidance.cpu() == guidance).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return self
+        seeds = [self.seeds[i] for i in rows.tolist()]
+        return SeedSet(seeds, self.cond[rows], self.noise[rows], self.reference[rows])
 
 
 def seed_set(cfg: EvaluateConfig, denoiser, offset: int, n: int, name: str) -> SeedSet:
@@ -81,7 +99,10 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
     evaluation = seed_set(cfg, denoiser, EVAL_SEED_OFFSET, cfg.n_samples, "eval")
     train = seed_set(cfg, denoiser, 0, cfg.n_train, "train")
     schedules = optimise_global_schedules(cfg, denoiser, train, use_ray)
+    per_guidance = guidance_schedules(cfg, denoiser, train, use_ray)
     specs = policy_specs(cfg, schedules) + train_bandit_specs(cfg, denoiser, train, schedules)
+    specs += table_specs(cfg, per_guidance)
+    specs += oracle_specs(cfg, denoiser, evaluation, per_guidance, use_ray)
     specs += list(extra_specs)
     context = (denoiser, evaluation, metrics)
     scores = ScoreCache(cfg, denoiser)
@@ -94,11 +115,13 @@ def run_evaluation(cfg: EvaluateConfig, extra_specs=()) -> list[dict]:
         mine = cfg.metric_network != AUTO
         network = f"the network `{cfg.metric_network}`" if mine else "the shipped digit classifier"
         floor = {**asdict(metrics.real_floor()), "network": network}
-    pq.write_table(pa.Table.from_pylist(rows), cfg.out / "results.parquet")
+    pq.write_table(pa.Table.from_pylist(result_rows(rows)), cfg.out / "results.parquet")
+    table = result_rows(rows + [quality])  # the report shows the model's FD per guidance too
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
-    summary = {"floor": floor, "model": {k: _no_nan(v) for k, v in quality.items()}}
+    model = {k: _no_nan(v) for k, v in quality.items() if k != "by_guidance"}
+    summary = {"floor": floor, "model": model}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(cfg.out, rows, grids, floor, evaluation.reference[:GRID_SAMPLES], quality)
+    write_report(cfg.out, rows, grids, floor, evaluation.reference[:GRID_SAMPLES], quality, table)
     return rows
 
 
@@ -147,36 +170,60 @@ def train_bandit_specs(cfg, denoiser, train: SeedSet, schedules: dict) -> list[P
 
 
 def optimise_global_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
-    """The per-budget global schedule of every solver, cached per model and search setting."""
+    """The per-budget global schedule of every solver on the whole mix, cached per model and
+    search setting: (solver, budget) -> sigmas."""
+    jobs = [(s, b, None) for s in cfg.global_solvers for b in cfg.budgets]
+    found = optimised(cfg, denoiser, train, jobs, use_ray)
+    return {
+        (s, b): torch.tensor(found[(s, b, g)]["sigmas"], dtype=torch.float64) for s, b, g in jobs
+    }
+
+
+def guidance_schedules(cfg, denoiser, train: SeedSet, use_ray: bool) -> dict:
+    """Every global solver's schedule optimised per budget on the training seeds of each guidance
+    scale: (solver, budget, guidance) -> {"sigmas", "train_rmse", ...}. With one scale these are
+    the global schedules themselves."""
+    scales = [float(g) for g in cfg.guidance]
+    jobs = [(s, b, g) for s in cfg.global_solvers for b in cfg.budgets for g in scales]
+    if len(scales) == 1:
+        found = optimised(cfg, denoiser, train, [(s, b, None) for s, b, _ in jobs], use_ray)
+        return {(s, b, scales[0]): found[(s, b, None)] for s, b, _ in jobs}
+    return optimised(cfg, denoiser, train, jobs, use_ray)
+
+
+def optimised(cfg, denoiser, train: SeedSet, jobs: list, use_ray: bool) -> dict:
+    """``optimise_schedule`` for each (solver, budget, guidance or None: the whole mix) on the
+    training seeds (of that guidance), from the cache where it has them."""
     key = schedule_cache_key(cfg, denoiser)
     path = cfg.cache / "global-schedules.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
-    todo = [
-        (s, b) for s in cfg.global_solvers for b in cfg.budgets if f"{key}|{s}|{b}" not in cached
-    ]
-    found = parallel_map(_optimise, todo, (denoiser, train, cfg.search), use_ray, "global search")
-    for (s, b), result in zip(todo, found, strict=True):
-        cached[f"{key}|{s}|{b}"] = result
+
+    def name(job) -> str:
+        solver, budget, guidance = job
+        return f"{key}|{solver}|{budget}" + ("" if guidance is None else f"|g{guidance:g}")
+
+    todo = [job for job in jobs if name(job) not in cached]
+    found = parallel_map(_optimise, todo, (denoiser, train, cfg.search), use_ray, "schedule search")
+    for job, result in zip(todo, found, strict=True):
+        cached[name(job)] = result
     if todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=1))
         tmp.replace(path)
-    return {
-        (s, b): torch.tensor(cached[f"{key}|{s}|{b}"]["sigmas"], dtype=torch.float64)
-        for s in cfg.global_solvers
-        for b in cfg.budgets
-    }
+    return {job: cached[name(job)] for job in jobs}
 
 
 def schedule_cache_key(cfg: EvaluateConfig, denoiser) -> str:
     """What the global schedules depend on: model, training seeds, guidance, reference, search."""
     reference = f"{DEFAULT_SOLVER}-{DEFAULT_SCHEDULE}-{cfg.reference_steps}"
-    return f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-g{cfg.guidance:g}-{reference}-{cfg.search}"
+    mix = guidance_tag(cfg.guidance)
+    return f"{model_fingerprint(denoiser)[:16]}-n{cfg.n_train}-{mix}-{reference}-{cfg.search}"
 
 
 def _optimise(job, context) -> dict:
-    (solver, budget), (denoiser, train, search) = job, context
+    (solver, budget, guidance), (denoiser, train, search) = job, context
+    train = train.at_guidance(guidance)
     found = optimise_schedule(
         denoiser, solver, budget, train.noise, train.cond, train.reference, search
     )
@@ -189,6 +236,51 @@ def _optimise(job, context) -> dict:
     }
 
 
+def table_specs(cfg: EvaluateConfig, per_guidance: dict) -> list[PolicySpec]:
+    """The conditional table (``rldiff.baselines.table``), saved to ``table.json``."""
+    path = cfg.out / "table.json"
+    best_table(per_guidance).save(path)
+    resolved = str(path.resolve())
+    return [PolicySpec("table", "table", "table", b, path=resolved) for b in cfg.budgets]
+
+
+def oracle_specs(cfg, denoiser, ev: SeedSet, per_guidance: dict, use_ray: bool) -> list:
+    """The oracle's per-sample plans (``rldiff.baselines.oracle``) per budget, cached on disk."""
+    identity = {
+        "model": model_fingerprint(denoiser),
+        "seeds": [ev.seeds[0], len(ev.seeds)],
+        "guidance": list(cfg.guidance),
+        "reference_steps": cfg.reference_steps,
+        "search": str(cfg.search),
+        "rounds": cfg.oracle_rounds,
+    }
+    jobs, paths = [], {}
+    for b in cfg.budgets:
+        candidates = {(s, g): v["sigmas"] for (s, bb, g), v in per_guidance.items() if bb == b}
+        text = json.dumps({**identity, "budget": b, "candidates": sorted(candidates.items())})
+        digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+        paths[b] = Path(cfg.cache) / "oracle" / f"{digest}.pt"
+        if not paths[b].exists():
+            jobs.append((b, candidates))
+    context = (denoiser, ev, cfg.search, cfg.oracle_rounds)
+    for (b, _), plan in zip(
+        jobs, parallel_map(_oracle, jobs, context, use_ray, "oracle"), strict=True
+    ):
+        paths[b].parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths[b].with_suffix(".tmp")
+        torch.save(plan, tmp)
+        tmp.replace(paths[b])
+    return [PolicySpec("oracle", "oracle", "oracle", b, path=str(paths[b])) for b in cfg.budgets]
+
+
+def _oracle(job, context) -> dict:
+    (budget, candidates), (denoiser, ev, search, rounds) = job, context
+    experts, sigmas, _ = oracle_plan(
+        denoiser, budget, candidates, ev.noise, ev.cond, ev.reference, search, rounds
+    )
+    return {"experts": experts, "sigmas": sigmas}
+
+
 class ScoreCache:
     """Scores of the deterministic baselines (``CACHED_FAMILIES``), kept on disk per model,
     held-out seed set, guidance, reference and spec: they do not change between runs, so a
@@ -196,7 +288,7 @@ class ScoreCache:
     is the one measured when the row was first computed. Learned and bandit policies are always
     scored afresh (their files change)."""
 
-    VERSION = 1  # bump when score_policy's row changes meaning
+    VERSION = 2  # bump when score_policy's row changes meaning
 
     def __init__(self, cfg: EvaluateConfig, denoiser):
         self.dir = Path(cfg.cache) / "scores"
@@ -205,7 +297,7 @@ class ScoreCache:
             "model": model_fingerprint(denoiser),
             "n_samples": cfg.n_samples,
             "offset": EVAL_SEED_OFFSET,
-            "guidance": cfg.guidance,
+            "guidance": guidance_tag(cfg.guidance),
             "reference_steps": cfg.reference_steps,
         }
         if cfg.metric_network != AUTO:  # "auto" follows from the model, already in the key
@@ -214,7 +306,8 @@ class ScoreCache:
     def path(self, spec: PolicySpec) -> Path | None:
         if spec.family not in CACHED_FAMILIES:
             return None
-        text = json.dumps({**self.key, "spec": asdict(spec)}, sort_keys=True)
+        described = {**asdict(spec), "path": Path(spec.path).name}  # the same in any cache folder
+        text = json.dumps({**self.key, "spec": described}, sort_keys=True)
         return self.dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.pt"
 
     def score_all(self, specs, context, use_ray: bool) -> list[tuple[dict, torch.Tensor]]:
@@ -250,6 +343,8 @@ def save_score(path: Path, result: tuple[dict, torch.Tensor]) -> None:
 
 
 def score_policy(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
+    """One policy at one budget on the held-out set: the pooled row (``guidance`` NaN; every
+    mean weighs the mix's scales equally) with one row per guidance scale under ``by_guidance``."""
     denoiser, ev, metrics = context
     policy = spec.build(denoiser.noise_table)
     start = time.perf_counter()
@@ -257,31 +352,68 @@ def score_policy(spec: PolicySpec, context) -> tuple[dict, torch.Tensor]:
     seconds = time.perf_counter() - start
     rmse = rmse_per_sample(result.x0, ev.reference)
     x0 = result.x0.clamp(-1, 1)
+    guidance = ev.cond.guidance.cpu()
+    scales = sorted(set(guidance.tolist()))
+    groups = {g: (guidance == g).nonzero().squeeze(1) for g in scales}
+    by_guidance = [
+        {**_score_rows(spec, result, rmse, x0, ev, metrics, rows), "guidance": g}
+        for g, rows in groups.items()
+    ]
+    pooled = _score_rows(spec, result, rmse, x0, ev, metrics, torch.arange(len(rmse)))
+    if len(groups) > 1:  # equal weight per scale, whatever the group sizes
+        for key in ("rmse_mean", "mean_nfe", "confidence"):
+            pooled[key] = sum(r[key] for r in by_guidance) / len(by_guidance)
+    pooled.update(
+        guidance=math.nan,
+        seconds_per_sample=seconds / len(ev.seeds),
+        sigmas=json.dumps([round(s, 5) for s in _first_schedule(result)]),
+        by_guidance=json.dumps(by_guidance),
+    )
+    if spec.family == "model":  # FD at the floor's sample size too: FD shrinks as n grows
+        pooled["fd_at_floor_n"] = math.nan
+        if metrics is not None:
+            pooled["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
+    return pooled, x0[:GRID_SAMPLES].cpu().clone()  # clone: a view would carry the whole batch
+
+
+def _score_rows(spec, result, rmse, x0, ev, metrics, rows) -> dict:
+    """The metrics of the held-out samples ``rows``; ``usage_by_step``: per sampler step, the
+    fraction of those samples each expert stepped."""
+    counts = usage_counts(result, rows)
     row = {
         "policy": spec.name,
         "family": spec.family,
         "solver": spec.solver,
         "schedule": spec.schedule or spec.family,
         "budget": spec.budget,
-        "mean_nfe": float(result.nfe.float().mean()),
-        "max_nfe": int(result.nfe.max()),
-        "rmse_mean": float(rmse.mean()),
-        "rmse_p90": float(rmse.quantile(0.9)),
+        "mean_nfe": float(result.nfe[rows].float().mean()),
+        "max_nfe": int(result.nfe[rows].max()),
+        "rmse_mean": float(rmse[rows].mean()),
+        "rmse_p90": float(rmse[rows].quantile(0.9)),
         "fd": math.nan,  # NaN where no metric network knows the data
         "confidence": math.nan,
-        "seconds_per_sample": seconds / len(ev.seeds),
-        "n_samples": len(ev.seeds),
-        "sigmas": json.dumps([round(s, 5) for s in _first_schedule(result)]),
-        "expert_usage": json.dumps(expert_usage(result)),
+        "seconds_per_sample": math.nan,
+        "n_samples": len(rows),
+        "sigmas": "[]",
+        "expert_usage": json.dumps(_fractions(counts.sum(0))),
+        "usage_by_step": json.dumps([_fractions(c) for c in counts]),
     }
     if metrics is not None:
-        row["fd"] = float(metrics.fd(x0))
-        row["confidence"] = float(metrics.confidence(x0, ev.cond.labels))
-    if spec.family == "model":  # FD at the floor's sample size too: FD shrinks as n grows
-        row["fd_at_floor_n"] = math.nan
-        if metrics is not None:
-            row["fd_at_floor_n"] = float(metrics.fd(x0[: metrics.real_floor().count]))
-    return row, x0[:GRID_SAMPLES].cpu().clone()  # clone: a view would carry the whole batch
+        row["fd"] = float(metrics.fd(x0[rows]))
+        row["confidence"] = float(metrics.confidence(x0[rows], ev.cond.labels[rows]))
+    return row
+
+
+def result_rows(rows: list[dict]) -> list[dict]:
+    """The rows of ``results.parquet``: each pooled row (``guidance`` NaN), then its per-guidance
+    rows."""
+    out = []
+    for row in rows:
+        pooled = {k: v for k, v in row.items() if k != "by_guidance"}
+        out.append(pooled)
+        for g in json.loads(row.get("by_guidance") or "[]"):
+            out.append({**{k: pooled.get(k) for k in pooled}, **g})
+    return out
 
 
 def _no_nan(value):
@@ -289,11 +421,18 @@ def _no_nan(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def expert_usage(result) -> dict[str, float]:
-    """Fraction of all sampler steps each expert took (experts never used are left out)."""
-    counts = torch.zeros(len(EXPERT_NAMES))
-    for r in result.steps:
-        counts += torch.bincount(r.expert.cpu(), minlength=len(EXPERT_NAMES)).float()
+def usage_counts(result, rows: torch.Tensor) -> torch.Tensor:
+    """``[steps, experts]``: how many of the held-out samples ``rows`` each expert stepped, per step."""
+    mask = torch.zeros(len(result.nfe), dtype=torch.bool)
+    mask[rows] = True
+    counts = [
+        torch.bincount(r.expert.cpu()[mask[r.rows.cpu()]], minlength=len(EXPERT_NAMES))
+        for r in result.steps
+    ]
+    return torch.stack(counts).float() if counts else torch.zeros(0, len(EXPERT_NAMES))
+
+
+def _fractions(counts: torch.Tensor) -> dict[str, float]:
     total = float(counts.sum()) or 1.0
     return {n: round(float(c) / total, 4) for n, c in zip(EXPERT_NAMES, counts, strict=True) if c}
 

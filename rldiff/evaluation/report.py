@@ -18,17 +18,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from rldiff.baselines.specs import best_per_budget  # noqa: E402
+from rldiff.config import TARGET_BUDGETS  # noqa: E402
 
-FAMILY_ORDER = ("hand-built", "global", "adaptive")
+FAMILY_ORDER = ("hand-built", "global", "table", "oracle", "adaptive")
 LEARNED_FAMILIES = ("learned", "bandit")
 
 
 def write_report(
-    out: Path, rows, grids, floor: dict | None, reference: torch.Tensor, model: dict
+    out: Path, rows, grids, floor: dict | None, reference: torch.Tensor, model: dict, table=()
 ) -> None:
-    """``floor``: the metric network's real-data floor, or None where no network knows the data."""
+    """``floor``: the metric network's real-data floor, or None where no network knows the data;
+    ``rows``: the pooled rows; ``table``: every row of ``results.parquet`` (per guidance too)."""
     families = {f: best_per_budget(rows, f) for f in {r["family"] for r in rows}}
-    (out / "report.md").write_text(_markdown(rows, families, floor, model))
+    text = _markdown(rows, families, floor, model)
+    by_guidance = [r for r in table if not _pooled(r)]
+    if by_guidance:
+        text += _mix_section(list(table), floor)
+        _usage_panels(by_guidance, out / "usage.png")
+    (out / "report.md").write_text(text)
     _pareto(rows, families, floor, out / "pareto.png")
     for budget in sorted({r["budget"] for r in rows}):
         picks = [
@@ -133,6 +140,109 @@ def _markdown(rows, families, floor, model) -> str:
             f"{_num(r['confidence'], '.3f')} | {r['seconds_per_sample'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _pooled(row) -> bool:
+    g = row.get("guidance")
+    return g is None or (isinstance(g, float) and math.isnan(g))
+
+
+def _mix_section(table: list[dict], floor) -> str:
+    """Per guidance: the ratios that judge the router (``rldiff ratios``), FD beside the model's
+    own FD at that guidance, and where the learned policies' experts step (``usage.png``)."""
+    from rldiff.evaluation.ratios import POOLED, format_table, ratio_rows
+
+    rows = [{**r, "guidance": POOLED if _pooled(r) else r["guidance"]} for r in table]
+    budgets = sorted({r["budget"] for r in rows if r["family"] != "model"})
+    target = [b for b in TARGET_BUDGETS if b in budgets] or budgets
+    lines = [
+        "",
+        "## The condition mix: per guidance, table and oracle",
+        "",
+        "`table`: per (budget, guidance) the solver whose own optimised schedule had the lowest "
+        "training RMSE. `oracle`: per held-out sample the best table candidate, then its schedule "
+        "optimised against its own reference (a bound, never served). Capture: the share of the "
+        "oracle's gain over the table a policy reaches. Pooled (`all`): every guidance weighs "
+        f"the same. Budgets {', '.join(map(str, target))} (all of them: `rldiff ratios DIR "
+        "--budgets all`).",
+        "",
+        format_table(ratio_rows(rows, set(target))),
+    ]
+    model = {r["guidance"]: r for r in rows if r["family"] == "model" and r["guidance"] != POOLED}
+    if floor is not None and model:
+        mine = [r for r in rows if r["family"] in ("table", "oracle", "learned")]
+        names = sorted({r["policy"] for r in mine}, key=lambda p: (p not in ("table", "oracle"), p))
+        lines += [
+            "",
+            "FD per guidance beside its floor: the model itself sampled accurately at that "
+            f"guidance, on the same samples (budget {target[len(target) // 2]}).",
+            "",
+            "| guidance | samples | model FD (floor) | "
+            + " | ".join(f"`{n}`" for n in names)
+            + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        b = target[len(target) // 2]
+        for g, m in sorted(model.items()):
+            at = {r["policy"]: r for r in mine if r["budget"] == b and r["guidance"] == g}
+            cells = [_num(at[n]["fd"], ".2f") if n in at else "n/a" for n in names]
+            lines.append(
+                f"| {g:g} | {m['n_samples']} | {_num(m['fd'], '.2f')} | " + " | ".join(cells) + " |"
+            )
+    if any(r["family"] == "learned" for r in rows):
+        lines += ["", "![expert usage by step and guidance](usage.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _usage_panels(rows: list[dict], path: Path) -> None:
+    """Expert usage by step, one panel per guidance, for each learned policy at the middle target
+    budget (stacked shares of the samples that took that step)."""
+    from rldiff.core.solvers import EXPERT_NAMES
+
+    learned = sorted({r["policy"] for r in rows if r["family"] == "learned"})
+    if not learned:
+        return
+    budgets = sorted({r["budget"] for r in rows})
+    target = [b for b in TARGET_BUDGETS if b in budgets] or budgets
+    budget = target[len(target) // 2]
+    scales = sorted({r["guidance"] for r in rows})
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(
+        len(learned), len(scales), figsize=(3 * len(scales), 2.6 * len(learned)), squeeze=False
+    )
+    for i, policy in enumerate(learned):
+        for j, g in enumerate(scales):
+            ax = axes[i, j]
+            row = next(
+                (
+                    r
+                    for r in rows
+                    if (r["policy"], r["budget"], r["guidance"]) == (policy, budget, g)
+                ),
+                None,
+            )
+            steps = json.loads(row["usage_by_step"]) if row else []
+            bottom = [0.0] * len(steps)
+            for k, name in enumerate(EXPERT_NAMES):
+                share = [s.get(name, 0.0) for s in steps]
+                if any(share):
+                    ax.bar(range(len(steps)), share, bottom=bottom, color=colours(k), label=name)
+                    bottom = [a + b for a, b in zip(bottom, share, strict=True)]
+            ax.set_title(f"{policy}, guidance {g:g}, {budget} NFE", fontsize=8)
+            ax.set_xlabel("step")
+            ax.set_ylim(0, 1)
+        axes[i, 0].set_ylabel("share of samples")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("Which expert steps, by step and guidance", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _learned_section(rows, hand: dict, glob: dict) -> list[str]:

@@ -132,8 +132,9 @@ def router_entropy(cfg: TrainConfig) -> float | list[list[float]]:
 
 
 def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
-    """The router's initial action probabilities for ``cfg`` (router action ``j`` is
-    ``experts[j]``): ``router_warm_start`` on the base expert, the rest uniform over the others.
+    """The router's initial action probabilities for ``cfg``: ``router_warm_start`` on the
+    conditional table's expert (action 0, ``routed_experts``) where ``cfg`` has own schedules, else
+    on the base expert (action ``j`` is ``experts[j]``), the rest uniform over the others.
     None when there is nothing to warm-start: turned off, no router (one expert), or the base
     expert not in play."""
     p = cfg.router_warm_start
@@ -142,10 +143,15 @@ def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
     if not 0 < p < 1:
         raise ValueError(f"router_warm_start must lie in (0, 1) (0 or None: off), got {p!r}")
     experts = experts_in_use(cfg.env_config()["experts"])
-    base = expert_index(cfg.base_expert)
-    if len(experts) < 2 or base not in experts:
+    if len(experts) < 2:
         return None
     probs = np.full(len(experts), (1 - p) / (len(experts) - 1))
+    if isinstance(cfg.base_schedules, list):  # action 0 is the table's expert (routed_experts)
+        probs[0] = p
+        return probs
+    base = expert_index(cfg.base_expert)
+    if base not in experts:
+        return None
     probs[experts.index(base)] = p
     return probs
 
@@ -173,6 +179,8 @@ def warm_start_note(cfg: TrainConfig) -> str | None:
     """The line a fresh training run prints about its router's start (None: nothing to say)."""
     experts = experts_in_use(cfg.env_config()["experts"])
     probs = router_warm_start_probs(cfg)
+    if probs is not None and isinstance(cfg.base_schedules, list):
+        return f"router warm start: the table's expert {probs[0]:.2f}, each other {probs[1]:.2f}"
     if probs is not None:
         targets = zip((EXPERT_NAMES[k] for k in experts), probs, strict=True)
         return "router warm start: " + " ".join(f"{n} {p:.2f}" for n, p in targets)

@@ -35,6 +35,7 @@ from rldiff.core.routing import (
     experts_in_use,
     observation_vector,
     reward,
+    routed_experts,
 )
 from rldiff.core.sampler import Sampling, sample
 from rldiff.core.seeds import initial_noise
@@ -120,7 +121,8 @@ class RoutingEnv(MultiAgentEnv):
         rewards = {aid: 0.0 for aid in action_dict}
         running = {"__all__": False}
         if self.chosen is None:  # step A: the routers chose; the chosen experts observe next
-            self.chosen = [self.experts[int(action_dict[f"router_{i}"])] for i in self.rows]
+            choices = [int(action_dict[f"router_{i}"]) for i in self.rows]
+            self.chosen = routed_experts(self.obs, choices, self.experts, self.base).tolist()
             return self._experts_observe(), rewards, running, running, {}
         turn = list(zip(self.rows, self.chosen, strict=True))  # step B: the experts acted
         actions = np.stack([action_dict[f"expert{k}_{i}"] for i, k in turn])

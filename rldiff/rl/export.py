@@ -60,9 +60,7 @@ def export_policy(
             if m != ROUTER
         ],
         "base_schedule": {
-            "schedules": None
-            if base_schedules is None
-            else {str(b): [float(s) for s in sigmas] for b, sigmas in base_schedules.items()},
+            "schedules": _schedules_json(base_schedules),
             "step_range": float(train_cfg.step_range),
         },
         "base_expert": train_cfg.base_expert,
@@ -169,3 +167,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _schedules_json(base_schedules):
+    """The base schedules as JSON: None, {budget: sigmas}, or own-schedule entries as they are."""
+    if base_schedules is None or isinstance(base_schedules, list | tuple):
+        return None if base_schedules is None else list(base_schedules)
+    return {str(b): [float(s) for s in sigmas] for b, sigmas in base_schedules.items()}

@@ -147,23 +147,33 @@ def evaluation_config(
         model=cfg.model,
         n_samples=eval_samples,
         budgets=tuple(sorted(cfg.budgets)),
-        guidance=float(cfg.guidance[0]),
+        guidance=tuple(cfg.guidance),
         reference_steps=cfg.reference_steps,
         cache=Path(cfg.cache),
     )
     return dataclasses.replace(base, **(overrides or {}))
 
 
-def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> dict[int, list[float]]:
-    """The base expert's optimised global schedule per training budget (the base schedule), from the
-    evaluation protocol's cache (computed there and then on first use: minutes on the UNet)."""
+def base_schedules(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> list[dict]:
+    """Each global solver's own schedule per training budget and guidance, from the evaluation
+    protocol's cache (computed there and then on first use: minutes on the UNet): the experts step
+    around their own, and the best per (budget, guidance), the conditional table, is what the
+    reward compares against."""
     from rldiff.evaluation.parallel import use_tasks
-    from rldiff.evaluation.protocol import optimise_global_schedules
+    from rldiff.evaluation.protocol import guidance_schedules
 
-    search = dataclasses.replace(ev, global_solvers=(cfg.base_expert,))  # ev: cfg's budgets
-    train = seed_set(search, denoiser, 0, search.n_train, "train")
-    found = optimise_global_schedules(search, denoiser, train, use_tasks(search.ray, denoiser))
-    return {b: found[(cfg.base_expert, b)].tolist() for b in search.budgets}
+    train = seed_set(ev, denoiser, 0, ev.n_train, "train")
+    found = guidance_schedules(ev, denoiser, train, use_tasks(ev.ray, denoiser))
+    return [
+        {
+            "solver": s,
+            "budget": b,
+            "guidance": g,
+            "sigmas": v["sigmas"],
+            "train_rmse": v["train_rmse"],
+        }
+        for (s, b, g), v in sorted(found.items())
+    ]
 
 
 def _train(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> dict:
@@ -255,6 +265,6 @@ def config_from_json(data: dict) -> TrainConfig:
     for key in ("budgets", "guidance", "hidden", "experts", "cost_per_nfe"):
         if isinstance(data.get(key), list):
             data[key] = tuple(data[key])
-    if data.get("base_schedules") is not None:
+    if isinstance(data.get("base_schedules"), dict):
         data["base_schedules"] = {int(b): s for b, s in data["base_schedules"].items()}
     return TrainConfig(**data)

@@ -4,13 +4,14 @@ picked and exported, and the trial table and plot written.
 Held-out scoring, never the training reward: each finished trial's final checkpoint is exported
 (``rldiff.rl.export.export_policy``) and sampled with the evaluation protocol's scoring
 (``rldiff.evaluation.protocol``: reference RMSE from the same noise, NFE counted per sample) at every target
-budget, beside the base expert's global schedule (the base schedule every trial steps around). The
+budget, beside the conditional table (the experts' own schedules: the reward's zero) or, for a
+policy trained around one schedule, the base expert's global schedule, over the condition mix. The
 selection seeds (``SELECTION_SEED_OFFSET + i``) are disjoint from the training seeds and from the
 evaluation seeds of the winner's report, so the report is not flattered by having picked the best
 of many trials on the very samples it is scored on.
 
-Score of a trial: the geometric mean over the target budgets of mean RMSE over the global
-schedule's mean RMSE (lower is better; below 1 beats the global schedule; each budget weighs the
+Score of a trial: the geometric mean over the target budgets of mean RMSE over that base's mean
+RMSE (lower is better; below 1 beats it; each budget weighs the
 same however small its RMSE). Ties: trials within ``tie_tolerance`` (relative, default 1 %) of the
 best score are tied on quality, and among them the one with the fewest mean NFE wins (a policy
 trained with a cost per NFE may stop before its budget), then the better score, then the trial id.
@@ -25,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from rldiff.baselines.specs import PolicySpec
+from rldiff.baselines.table import table_of_entries
 from rldiff.evaluation.parallel import connect_ray, parallel_map
 from rldiff.evaluation.protocol import EVAL_SEED_OFFSET, score_policy, seed_set
 from rldiff.evaluation.quality import distribution_metrics
@@ -126,11 +128,20 @@ def score_trials(rows: list[dict], settings, budgets, ev, denoiser) -> dict:
     schedule, mean NFE, and the score (see the module docstring). Returns the global schedule's
     RMSE per budget."""
     cfg = settings.train
-    base_name = f"global:{cfg.base_expert}"
-    specs = [
-        PolicySpec(base_name, "global", cfg.base_expert, b, sigmas=tuple(cfg.base_schedules[b]))
-        for b in budgets
-    ]
+    if isinstance(cfg.base_schedules, list):  # own schedules: the conditional table
+        base_name = "table"
+        path = Path(ev.out) / "table.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table_of_entries(cfg.base_schedules).save(path)
+        specs = [
+            PolicySpec("table", "table", "table", b, path=str(path.resolve())) for b in budgets
+        ]
+    else:
+        base_name = f"global:{cfg.base_expert}"
+        specs = [
+            PolicySpec(base_name, "global", cfg.base_expert, b, sigmas=tuple(cfg.base_schedules[b]))
+            for b in budgets
+        ]
     scored = [r for r in rows if r.get("policy")]
     specs += [
         PolicySpec(r["trial_id"], "learned", "router", b, path=r["policy"])

@@ -10,8 +10,9 @@ restarts a trial (a failure within ``max_failures``, or a resumed search) it con
 
 What is shared by every trial is prepared once on the driver before the search by
 ``rldiff.rl.train.prepare_training``, as for ``rldiff train``: the shipped precomputed inputs of the
-embedded model, the base expert's optimised global schedule per budget (the base schedule) and the
-training reference bank (cached on disk for the trials to read).
+embedded model, every expert's own optimised schedule per budget and guidance (the best per budget
+and guidance is the conditional table, the reward's zero) and the training reference banks (cached
+on disk for the trials to read).
 
 Early stopping: ASHA on ``charts/rmse_vs_base`` (training-seed RMSE over the base schedule's,
 lower is better). Concurrency: as many trials as the cluster's CPUs (and GPUs) hold, each trial

@@ -10,17 +10,20 @@ no learned policy could be loaded (``degraded``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rldiff.baselines.specs import PolicySpec
+from rldiff.baselines.table import table_of_entries
 from rldiff.config import EvaluateConfig
 from rldiff.core.schedules import SCHEDULES
 from rldiff.core.solvers import EXPERT_NAMES
 
 LEARNED = "learned"
 ADAPTIVE = "adaptive:dpmpp-2m"
+TABLE = "table"  # the conditional table of a learned policy's experts' own schedules
 HAND_BUILT = tuple(f"fixed:{s}/{k}" for s in EXPERT_NAMES for k in SCHEDULES)
 
 
@@ -46,6 +49,8 @@ class Learned:
     def budgets(self) -> list[int] | None:
         """Budgets it serves: those with a base schedule (None: any budget)."""
         schedules = self.spec["base_schedule"]["schedules"]
+        if isinstance(schedules, list):  # own schedules: {solver, budget, guidance, ...} entries
+            return sorted({int(e["budget"]) for e in schedules})
         return None if schedules is None else sorted(int(b) for b in schedules)
 
 
@@ -127,8 +132,15 @@ class Catalog:
             name = self.best_hand_built(budget)
         key = (name, budget)
         if key not in self._baselines:
-            self._baselines[key] = self._spec(name, budget).build(self.denoiser.noise_table)
+            self._baselines[key] = self._baseline(name, budget)
         return name, key, self._baselines[key]
+
+    def _baseline(self, name: str, budget: int):
+        if name == TABLE and TABLE in self._global_names():
+            table = table_of_entries(self.learned.spec["base_schedule"]["schedules"])
+            table.entry(budget, 1.0)  # LookupError below when the budget is not in it
+            return table
+        return self._spec(name, budget).build(self.denoiser.noise_table)
 
     def best_hand_built(self, budget: int) -> str:
         table = self.learned.evaluation if self.learned else self.fallback
@@ -150,10 +162,13 @@ class Catalog:
         raise LookupError(f"unknown policy {name!r}; GET /v1/policy lists the policies served")
 
     def _global_names(self) -> list[str]:
-        """The optimised global schedule of the learned policy's base expert (its base schedule)."""
+        """The learned policy's base: the optimised global schedule of its base expert, or the
+        conditional table of its experts' own schedules."""
         learned = self.learned
         if learned is None or learned.spec["base_schedule"]["schedules"] is None:
             return []
+        if isinstance(learned.spec["base_schedule"]["schedules"], list):
+            return [TABLE]  # the experts' own schedules: the conditional table
         return [f"global:{learned.spec['base_expert']}"]
 
     def info(self) -> dict:
@@ -214,6 +229,7 @@ def _evaluation(directory: Path, model: str) -> dict[int, dict]:
     if config.is_file() and json.loads(config.read_text()).get("model") != model:
         return {}
     rows = pq.read_table(results).to_pylist()
+    rows = [r for r in rows if not _per_guidance(r)]  # the pooled rows: the whole condition mix
     table: dict[int, dict] = {}
     for family, key in (("hand-built", "hand_built"), ("global", "global"), ("learned", "learned")):
         for budget, row in best_per_budget(rows, family).items():
@@ -225,3 +241,8 @@ def _evaluation(directory: Path, model: str) -> dict[int, dict]:
                 }
             )
     return dict(sorted(table.items()))
+
+
+def _per_guidance(row: dict) -> bool:
+    g = row.get("guidance")
+    return g is not None and not (isinstance(g, float) and math.isnan(g))
