@@ -3,7 +3,12 @@
 Run (from the repository root; about 2-3 minutes on 2 busy cores):
 
     .venv/bin/python jobs/bench_serve.py [--budget 5] [--requests 200] [--clients 8]
-        [--per-client 40] [--policy-root DIR --policy DIR]
+        [--per-client 40 | --seconds S] [--load-only] [--policy-root DIR --policy DIR]
+
+The load test of the service (16 clients for 60 s, one sample at budget 5: errors, throughput,
+p50 / p99 latency):
+
+    .venv/bin/python jobs/bench_serve.py --clients 16 --seconds 60 --requests 50 --load-only
 
 Without ``--policy`` it exports an UNTRAINED policy for the embedded model into a temporary
 directory (fresh modules, the logSNR split as base schedule): its decisions are meaningless, its cost is a
@@ -13,7 +18,8 @@ on 127.0.0.1 (access log off) and measures, all with one torch thread:
 1. latency of a one-sample ``POST /v1/generate`` (PNG output), one request at a time: p50 / p99
    over ``--requests`` requests after a warm-up;
 2. samples/s with ``--clients`` concurrent clients sending one-sample requests (``--per-client``
-   each): ``@serve.batch`` merges them into sampler runs (the mean merged size is printed);
+   each, or for ``--seconds``), their errors and latency p50 / p99: ``@serve.batch`` merges them
+   into sampler runs (the mean merged size is printed);
 3. the bare sampler's samples/s in this process (same policy, NFE budget and batch size: the
    number of clients), with Serve idle.
 
@@ -63,20 +69,34 @@ def one_at_a_time(url: str, n: int, budget: int, seed0: int) -> list[float]:
     return times
 
 
-def concurrent(url: str, clients: int, per_client: int, budget: int) -> tuple[float, list[int]]:
-    """Wall seconds for ``clients`` x ``per_client`` one-sample requests; merged batch sizes."""
+def concurrent(
+    url: str, clients: int, per_client: int, budget: int, seconds: float | None = None
+) -> dict:
+    """``clients`` threads sending one-sample requests, ``per_client`` each or, with ``seconds``,
+    until that much time has passed (at most 100,000 each): wall seconds, merged batch sizes,
+    latencies and failed statuses."""
     import requests
 
-    batches, errors = [], []
+    batches, latencies, errors = [], [], []
+    deadline = None if seconds is None else time.perf_counter() + seconds
+    count = per_client if seconds is None else 100_000
 
     def client(c: int):
         http = requests.Session()
-        for i in range(per_client):
-            body = {"seeds": [100_000 + c * 1000 + i], "labels": (c + i) % 10, "budget": budget}
-            r = http.post(url, json=body)
+        for i in range(count):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+            body = {"seeds": [100_000 + c * 100_000 + i], "labels": (c + i) % 10, "budget": budget}
+            sent = time.perf_counter()
+            try:
+                r = http.post(url, json=body, timeout=60)
+            except requests.RequestException as err:
+                errors.append(type(err).__name__)
+                continue
             if r.status_code != 200:
                 errors.append(r.status_code)
                 continue
+            latencies.append(time.perf_counter() - sent)
             batches.append(r.json()["timings"]["batch_samples"])
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -86,8 +106,9 @@ def concurrent(url: str, clients: int, per_client: int, budget: int) -> tuple[fl
     for t in threads:
         t.join()
     if errors:
-        print(f"  {len(errors)} failed requests: {sorted(set(errors))}")
-    return time.perf_counter() - start, batches
+        print(f"  {len(errors)} failed requests: {sorted(set(map(str, errors)))}")
+    wall = time.perf_counter() - start
+    return {"seconds": wall, "batches": batches, "latencies": latencies, "errors": errors}
 
 
 def bare_sampler(policy, batch: int, budget: int, repeats: int) -> float:
@@ -116,6 +137,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=40, help="bare sampler runs")
+    parser.add_argument(
+        "--seconds", type=float, help="clients send for this long instead of --per-client each"
+    )
+    parser.add_argument(
+        "--load-only", action="store_true", help="only the concurrent clients (no bare sampler)"
+    )
     parser.add_argument(
         "--batch-wait-s", type=float, default=None, help="the service's batch_wait_s"
     )
@@ -155,13 +182,18 @@ def main() -> None:
             f"time: p50 {percentile(times, 0.5) * 1e3:.1f} ms, "
             f"p99 {percentile(times, 0.99) * 1e3:.1f} ms"
         )
-        seconds, batches = concurrent(url, args.clients, args.per_client, args.budget)
-        served = len(batches) / seconds
+        load = concurrent(url, args.clients, args.per_client, args.budget, args.seconds)
+        batches, latencies = load["batches"], load["latencies"]
+        served = len(batches) / load["seconds"]
         print(
             f"{args.clients} concurrent clients: {served:.1f} samples/s "
-            f"({len(batches)} samples in {seconds:.1f} s; merged sampler runs of "
+            f"({len(batches)} samples in {load['seconds']:.1f} s, {len(load['errors'])} errors; "
+            f"latency p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, "
+            f"p99 {percentile(latencies, 0.99) * 1e3:.1f} ms; merged sampler runs of "
             f"{statistics.mean(batches):.1f} samples on average)"
         )
+        if args.load_only:
+            return
         learned = LearnedPolicy.load(Path(root) / policy)
         bare = bare_sampler(learned, args.clients, args.budget, args.repeats)
         print(

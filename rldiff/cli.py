@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 # Each subcommand's module is imported only when that subcommand is chosen (to add its flags and
 # to run it): ``rldiff train`` never imports Ray Serve, ``rldiff --help`` imports none of them.
@@ -44,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"policy: {out['policy']}")
     if "evaluation" in out:
-        print(f"report: {run.out / 'evaluation' / 'report.md'}")
+        print(f"report: {Path(run.out) / 'evaluation' / 'report.md'}")
     return 0
 
 
@@ -172,16 +174,31 @@ def main(argv: list[str] | None = None) -> int:
     if command.own_errors:
         return command.run(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = getattr(args, "out", None)
+    new_out = out is not None and not Path(out).exists()
+    status = 1
     try:
-        return command.run(args)
+        status = command.run(args)
+        return status
     except KeyboardInterrupt:
         print(f"rldiff {args.command}: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+        return status
     except Exception as err:
         if not _reported(err):
             raise
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        status = 2
+        return status
+    finally:
+        if new_out and status != 0:
+            _remove_if_empty(Path(out))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Removes ``folder`` if a failed command created it and wrote no file into it."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

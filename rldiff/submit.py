@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runtime-env",
         type=Path,
-        default=Path(DEFAULT_RUNTIME_ENV),
-        help=f"runtime environment YAML (default: {DEFAULT_RUNTIME_ENV})",
+        default=None,
+        help=f"runtime environment YAML (default: {DEFAULT_RUNTIME_ENV} if it is here, else the "
+        "rldiff installed on the cluster with one torch thread)",
     )
     parser.add_argument(
         "--timeout",
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             raise SubmitError("no command: rldiff submit [options] -- <command ...>")
         if args.timeout < 0:
             raise SubmitError(f"--timeout must be >= 0, got {args.timeout}")
-        runtime_env = load_runtime_env(args.runtime_env)
+        runtime_env = default_runtime_env() if args.runtime_env is None else None
+        runtime_env = runtime_env or load_runtime_env(args.runtime_env or DEFAULT_RUNTIME_ENV)
         address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
         client = connect(address)
         job_id = submit(client, shlex.join(command), runtime_env, args.submission_id)
@@ -92,6 +94,20 @@ def run(args: argparse.Namespace) -> int:
     except SubmitError as err:
         print(f"rldiff submit: error: {err}", file=sys.stderr)
         return 2
+
+
+def default_runtime_env() -> dict | None:
+    """None in the repository root (``jobs/runtime_env.yaml`` is read: this directory's code is
+    uploaded); elsewhere the job runs the rldiff installed on the nodes (cluster.yaml), with one
+    torch thread."""
+    if Path(DEFAULT_RUNTIME_ENV).is_file():
+        return None
+    print(
+        f"no {DEFAULT_RUNTIME_ENV} here: the job runs the rldiff installed on the cluster "
+        "(pass --runtime-env to upload code)",
+        flush=True,
+    )
+    return {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}}
 
 
 def load_runtime_env(path: Path) -> dict:

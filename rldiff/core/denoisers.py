@@ -169,9 +169,14 @@ def load_denoiser(path: str | Path | None = None, device: str | torch.device = "
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {root} does not exist (run `rldiff pretrain`?)")
     unet_dir = root / "unet" if (root / "unet" / "config.json").exists() else root
-    scheduler_file = _first_existing(
-        [root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"]
-    )
+    schedulers = [root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json"]
+    if not (unet_dir / "config.json").is_file() or not any(p.is_file() for p in schedulers):
+        raise FileNotFoundError(
+            f"{root} is not a diffusers model directory: expected config.json, .safetensors "
+            "weights and scheduler_config.json (or unet/ and scheduler/ subfolders), as "
+            "save_pretrained writes them"
+        )
+    scheduler_file = _first_existing(schedulers)
     if not any(unet_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"no .safetensors weights in {unet_dir}: only safetensors load")
     scheduler = json.loads(scheduler_file.read_text())

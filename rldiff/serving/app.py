@@ -21,31 +21,34 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from rldiff.config import MODEL, MODEL_HELP
 from rldiff.serving.auth import DEFAULT_ENV
 from rldiff.serving.merge import RunMerger
 from rldiff.serving.schemas import (
     BUDGET_SEMANTICS,
+    INGRESS_ONGOING,
     ErrorResponse,
-    GenerateBatchRequest,
     GenerateBatchResponse,
-    GenerateRequest,
     GenerateResponse,
+    Health,
     Job,
     Limits,
     RequestProblem,
     check_batch,
     check_generate,
+    request_models,
 )
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH_WAIT_S = 0.005  # how long a sampler run waits for more requests to merge
 SAMPLER_CPUS = 1  # CPUs per Sampler replica (its GPUs: ``resolve_sampler_gpus``)
+SAMPLER_FAILED = {"status": 500, "error": "internal error", "details": []}  # logged, not echoed
 
 
 class AppArgs(BaseModel):
@@ -58,6 +61,11 @@ class AppArgs(BaseModel):
         None, description="learned policy directory, relative to policy_root"
     )
     policy_root: str = Field("runs", description="policy directories load only from inside it")
+    allow_degraded: bool = Field(
+        False,
+        description="start even if the policy does not load, serving the best hand-built "
+        "schedule per budget (degraded) until a hot swap loads one",
+    )
     evaluation: str | None = Field(
         None,
         description="an evaluation directory (results.parquet): the best hand-built schedule per "
@@ -97,6 +105,16 @@ class AppArgs(BaseModel):
     min_guidance: float = Field(Limits.min_guidance, description="smallest guidance scale")
     max_guidance: float = Field(Limits.max_guidance, description="largest guidance scale")
     max_body_bytes: int = Field(Limits.max_body_bytes, description="largest request body (413)")
+    max_header_bytes: int = Field(
+        Limits.max_header_bytes, description="largest request headers, all together (431)"
+    )
+    body_timeout_s: float = Field(
+        Limits.body_timeout_s, description="seconds a request may take to send its body (408)"
+    )
+    max_waiting_bodies: int = Field(
+        Limits.max_waiting_bodies,
+        description="requests waiting for their bodies at once, per ingress replica (then 503)",
+    )
 
     def limits(self) -> Limits:
         return Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
@@ -176,6 +194,7 @@ class Sampler:
         batch: dict,
         device: str,
         allow_tf32: bool = False,
+        allow_degraded: bool = False,
     ):
         import ray
         import torch
@@ -199,11 +218,18 @@ class Sampler:
         self.run.set_batch_wait_timeout_s(batch["wait_s"])
         self.merger = RunMerger(self._run_merged, batch["max_samples"], size=_samples_in)
         self.metrics.set_degraded(True)  # until reconfigure loads a policy
+        self.allow_degraded = allow_degraded
 
     def reconfigure(self, user_config: dict) -> None:
         """Loads ``user_config["policy"]``; on failure the policy in service stays."""
         policy = (user_config or {}).get("policy")
+        first = self.catalog.last_swap is None
         ok = self.catalog.swap(policy)
+        if first and not ok and not self.allow_degraded:
+            raise RuntimeError(
+                f"policy {policy} does not load ({self.catalog.last_swap['error']}) and "
+                "allow_degraded is false: the replica does not start"
+            )
         self.metrics.record_swap(ok, self.catalog.degraded)
         swap = self.catalog.last_swap
         if ok:
@@ -216,7 +242,11 @@ class Sampler:
         """One request: checked here (the model and policies live here), then batched."""
         from rldiff.serving.engine import check_job
 
-        problem = check_job(self.catalog, job)
+        try:
+            problem = check_job(self.catalog, job)
+        except Exception:
+            logger.exception("checking a request failed")
+            return SAMPLER_FAILED
         if problem is not None:
             return problem.body()
         return await self.run((job, time.perf_counter()))
@@ -230,21 +260,44 @@ class Sampler:
     async def run(self, items: list[tuple[Job, float]]) -> list[dict]:
         out = await self.merger.submit(items)
         for response in out:
-            self.metrics.record(response)
+            try:  # metrics never fail a request
+                if "samples" in response:
+                    self.metrics.record(response)
+            except Exception:
+                logger.warning("recording the metrics of a response failed", exc_info=True)
         return out
 
     def _run_merged(self, items: list[tuple[Job, float]]) -> list[dict]:
-        """One sampler run over every merged request (in a thread, one at a time)."""
+        """One sampler run over every merged request (in a thread, one at a time). If the merged
+        run fails, each request runs alone, so a request that cannot be served fails by itself
+        and every other one is answered."""
+        from rldiff.serving.engine import run_jobs
+
+        jobs, arrived = [j for j, _ in items], [t for _, t in items]
+        try:
+            out = run_jobs(self.catalog, jobs, arrived)
+        except Exception:
+            if len(jobs) == 1:
+                logger.exception("a sampler run failed")
+                out = [SAMPLER_FAILED]
+            else:
+                out = [self._run_alone(job, t) for job, t in zip(jobs, arrived, strict=True)]
+        failed = all(answer is SAMPLER_FAILED for answer in out)
+        self.failures = self.failures + 1 if failed else 0
+        try:  # metrics never fail a request
+            self.metrics.record_batch(_samples_in(items))
+        except Exception:
+            logger.warning("recording a sampler run's size failed", exc_info=True)
+        return out
+
+    def _run_alone(self, job: Job, arrived: float) -> dict:
         from rldiff.serving.engine import run_jobs
 
         try:
-            out = run_jobs(self.catalog, [j for j, _ in items], [t for _, t in items])
+            return run_jobs(self.catalog, [job], [arrived])[0]
         except Exception:
-            self.failures += 1
-            raise
-        self.failures = 0
-        self.metrics.record_batch(_samples_in(items))
-        return out
+            logger.exception("a request failed in the sampler (the others of its run were served)")
+            return SAMPLER_FAILED
 
     def describe(self) -> dict:
         """The catalog's report, and which replica answered (a hot swap keeps the replica)."""
@@ -260,38 +313,61 @@ app = FastAPI(
     description="Samples drawn with a learned per-sample, per-step sampling schedule "
     "(router + solver experts), with the schedule each sample followed.",
     version="1",
+    openapi_url=None,  # served by Ingress: the schema states the configured limits
+    docs_url=None,
+    redoc_url=None,
 )
 ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in [
         (400, "body is not JSON"),
         (401, "missing or wrong API key"),
+        (408, "body not received in time"),
         (413, "body too large"),
         (422, "a field is out of range or of the wrong type"),
+        (431, "request headers too large"),
+        (500, "a fault of the service (logged, never echoed)"),
+        (503, "too many requests waiting for their bodies: retry later"),
     ]
 }
-
-
-def _schema_body(model: type[BaseModel]) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+CLIENT_GONE = 499  # the client closed the connection before its request was read (nginx's code)
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException):
+    # exc.headers carries Allow on a 405
     return JSONResponse(
-        {"status": exc.status_code, "error": str(exc.detail), "details": []}, exc.status_code
+        {"status": exc.status_code, "error": str(exc.detail), "details": []},
+        exc.status_code,
+        headers=exc.headers,
     )
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request was read: nothing to answer, nothing broken."""
+
+
 # Defined before Ingress: serve.ingress pickles the routes as they are when the class is made.
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def _read_limited(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed) and
+    with 408 if it has not arrived ``timeout_s`` after the request began."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestProblem(f"body larger than {limit} bytes", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    stream = request.stream().__aiter__()
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(left, 0.001))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestProblem(f"body not received within {timeout_s:g} s", status=408) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
         size += len(chunk)
         if size > limit:
             raise RequestProblem(f"body larger than {limit} bytes", status=413)
@@ -306,37 +382,69 @@ def _parse(raw: bytes):
         raise RequestProblem(f"body is not valid JSON: {err}", status=400) from None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+def _header_bytes(request: Request) -> int:
+    return sum(len(name) + len(value) for name, value in request.headers.raw)
+
+
+def openapi_schema(limits: Limits, num_classes: int | None, key_required: bool) -> dict:
+    """The published contract: every route, the request bodies with the configured limits (their
+    ``$defs`` kept as components), the error answers, and the API key where one is required."""
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    generate, batch = request_models(limits, num_classes)
+    for path, model in (("/v1/generate", generate), ("/v1/generate/batch", batch)):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[body["title"]] = body
+        ref = {"$ref": f"#/components/schemas/{body['title']}"}
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}},
+        }
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]
+    metrics["content"] = {PROMETHEUS.split(";")[0]: {"schema": {"type": "string"}}}
+    if key_required:
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "the service's API key"}
+        }
+        for path, operations in schema["paths"].items():
+            if path != "/v1/health":
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+    return schema
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=INGRESS_ONGOING)
 @serve.ingress(app)
 class Ingress:
-    """HTTP: auth, body size, validation, errors as JSON; the work goes to ``Sampler``."""
+    """HTTP: auth, header and body limits, validation, errors as JSON; the work goes to
+    ``Sampler``. A request waiting for its body holds a slot for at most ``body_timeout_s``, and at
+    most ``max_waiting_bodies`` wait at once (then 503), so slow clients cannot crowd out others;
+    a request without a valid key is answered before its body is read."""
 
-    def __init__(self, sampler, limits: dict, key: dict):
+    def __init__(self, sampler, limits: dict, key: dict, num_classes: int | None = None):
         from rldiff.serving.auth import ApiKey
         from rldiff.serving.metrics import IngressMetrics
 
         self.sampler = sampler
         self.limits = Limits(**limits)
+        self.num_classes = num_classes
         self.key = ApiKey.load(key["env"], key["file"], key["required"])
         self.metrics = IngressMetrics()
+        self.waiting_bodies = 0
+        self.schema = openapi_schema(self.limits, num_classes, self.key.enabled)
         logger.info(f"API key required: {self.key.enabled}")
 
-    @app.post(
-        "/v1/generate",
-        response_model=GenerateResponse,
-        responses=ERRORS,
-        openapi_extra=_schema_body(GenerateRequest),
-    )
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, request: Request):
         """Samples under one policy and budget, with each sample's schedule and explanation."""
         return await self._serve(request, "/v1/generate", self._generate)
 
-    @app.post(
-        "/v1/generate/batch",
-        response_model=GenerateBatchResponse,
-        responses=ERRORS,
-        openapi_extra=_schema_body(GenerateBatchRequest),
-    )
+    @app.post("/v1/generate/batch", response_model=GenerateBatchResponse, responses=ERRORS)
     async def generate_batch(self, request: Request):
         """Many independent requests in one call; answers in the same order."""
         return await self._serve(request, "/v1/generate/batch", self._generate_batch)
@@ -346,12 +454,32 @@ class Ingress:
         """The policy and model loaded, their evaluation, degradation, the last swap, limits."""
         return await self._serve(request, "/v1/policy", self._policy)
 
+    @app.get("/v1/health", response_model=Health)
+    async def health(self, request: Request):
+        """Whether the service answers, and whether it is degraded (no learned policy); no key."""
+        return await self._serve(request, "/v1/health", self._health, open_route=True)
+
+    @app.get("/metrics", responses=ERRORS)
+    async def prometheus(self, request: Request):
+        """The service's Prometheus metrics (``rldiff_*``) from every node, as text."""
+        return await self._serve(request, "/metrics", self._metrics)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self):
+        return JSONResponse(self.schema)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="openapi.json", title="rldiff API")
+
     async def _generate(self, body) -> dict:
-        job = check_generate(body, self.limits)
+        job = check_generate(body, self.limits, self.num_classes)
         return await self._submit(job)
 
     async def _generate_batch(self, body) -> dict:
-        jobs = check_batch(body, self.limits)
+        jobs = check_batch(body, self.limits, self.num_classes)
         answers = await asyncio.gather(*(self._submit(j) for j in jobs), return_exceptions=True)
         for i, answer in enumerate(answers):
             if isinstance(answer, RequestProblem):
@@ -365,6 +493,22 @@ class Ingress:
         extra = {"limits": self.limits.as_dict(), "budget": BUDGET_SEMANTICS}
         return {**info, **extra, "api_key_required": self.key.enabled}
 
+    async def _health(self, body) -> dict:
+        info = await self.sampler.describe.remote()
+        swap = info.get("last_swap") or {}
+        return {
+            "status": "degraded" if info["degraded"] else "ok",
+            "degraded": info["degraded"],
+            "serving": info["serving"],
+            "policy": (info["learned"] or {}).get("directory"),
+            "reason": swap.get("error") if info["degraded"] else None,
+        }
+
+    async def _metrics(self, body) -> PlainTextResponse:
+        from rldiff.serving.metrics import cluster_metrics
+
+        return PlainTextResponse(await asyncio.to_thread(cluster_metrics), media_type=PROMETHEUS)
+
     async def _submit(self, job: Job) -> dict:
         answer = await self.sampler.generate.remote(job)
         if "error" in answer:
@@ -372,15 +516,30 @@ class Ingress:
             raise RequestProblem(answer["error"], detail["field"], answer["status"])
         return answer
 
-    async def _serve(self, request: Request, route: str, handler) -> JSONResponse:
-        start = time.perf_counter()
+    async def _read_body(self, request: Request):
+        if self.waiting_bodies >= self.limits.max_waiting_bodies:
+            raise RequestProblem("too many requests waiting for their bodies", status=503)
+        self.waiting_bodies += 1
         try:
-            refused = self.key.check(request.headers.get("authorization"))
+            raw = await _read_limited(
+                request, self.limits.max_body_bytes, self.limits.body_timeout_s
+            )
+        finally:
+            self.waiting_bodies -= 1
+        return _parse(raw)
+
+    async def _serve(self, request: Request, route: str, handler, open_route: bool = False):
+        start = time.perf_counter()
+        headers = None
+        try:
+            if _header_bytes(request) > self.limits.max_header_bytes:
+                raise RequestProblem(
+                    f"request headers larger than {self.limits.max_header_bytes} bytes", status=431
+                )
+            refused = None if open_route else self.key.check(request.headers.get("authorization"))
             if refused:
                 raise RequestProblem(refused, status=401)
-            body = None
-            if request.method == "POST":
-                body = _parse(await _read_limited(request, self.limits.max_body_bytes))
+            body = await self._read_body(request) if request.method == "POST" else None
             result = await handler(body)
             if isinstance(result, dict) and "samples" in result:
                 result["timings"]["total_ms"] = (time.perf_counter() - start) * 1e3
@@ -388,19 +547,32 @@ class Ingress:
                 for r in result["responses"]:
                     r["timings"]["total_ms"] = (time.perf_counter() - start) * 1e3
             status, content = 200, result
+        except ClientGone:
+            logger.info(f"{route}: the client disconnected before sending its whole body")
+            self.metrics.record(route, CLIENT_GONE, time.perf_counter() - start)
+            return Response(status_code=CLIENT_GONE)  # nobody reads it
         except RequestProblem as problem:
             status, content = problem.status, problem.body()
+            if status == 401:
+                headers = {"WWW-Authenticate": "Bearer"}
+            elif status == 503:
+                headers = {"Retry-After": "1"}
+            elif status in (408, 413, 431):
+                headers = {"Connection": "close"}  # the rest of the body is not read
         except Exception:  # a fault of the service, never of the request: logged, not echoed
             logger.exception(f"{route} failed")
-            status = 500
-            content = {"status": 500, "error": "internal error", "details": []}
+            status, content = 500, SAMPLER_FAILED
         self.metrics.record(route, status, time.perf_counter() - start)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(content, Response):
+            return content
         return JSONResponse(content, status, headers=headers)
 
 
 def build_app(args) -> serve.Application:
     """The application: ``args`` is a dict of ``AppArgs`` fields (strings from the CLI are fine)."""
+    from rldiff.data.models import load_model
+    from rldiff.serving.catalog import model_classes
+
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args or {}))
     limits = args.limits()
     root = Path(args.policy_root).resolve()
@@ -409,6 +581,7 @@ def build_app(args) -> serve.Application:
     if args.api_key_file:
         key["file"] = str(Path(args.api_key_file).resolve())
     batch = {"max_samples": limits.max_batch_samples, "wait_s": args.batch_wait_s}
+    num_classes = model_classes(load_model(args.model, "cpu"))  # a model that fails, fails here
     logging_config = {"enable_access_log": args.access_log}
     # Set here, not in the config file: a deployment's ray_actor_options in a Serve config file
     # replace these as a whole (num_gpus included).
@@ -421,5 +594,15 @@ def build_app(args) -> serve.Application:
         ray_actor_options=actor_options,
         user_config={"policy": args.policy},
         logging_config=logging_config,
-    ).bind(args.model, str(root), evaluation, batch, args.device, args.allow_tf32)
-    return Ingress.options(logging_config=logging_config).bind(sampler, limits.as_dict(), key)
+    ).bind(
+        args.model,
+        str(root),
+        evaluation,
+        batch,
+        args.device,
+        args.allow_tf32,
+        args.allow_degraded,
+    )
+    return Ingress.options(logging_config=logging_config).bind(
+        sampler, limits.as_dict(), key, num_classes
+    )

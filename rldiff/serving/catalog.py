@@ -28,11 +28,11 @@ HAND_BUILT = tuple(f"fixed:{s}/{k}" for s in EXPERT_NAMES for k in SCHEDULES)
 
 
 def default_hand_built(budget: int) -> str:
-    """The best hand-built schedule measured on the embedded model (README, ``make demo``), used
-    when no evaluation of the served model is at hand."""
+    """The best hand-built schedule measured on the embedded model over the guidance mix (README,
+    ``make demo``), used when no evaluation of the served model is at hand."""
     if budget <= 3:
-        return "fixed:dpmpp-2m/time-uniform"
-    return "fixed:unipc/time-uniform" if budget <= 6 else "fixed:unipc/logsnr-uniform"
+        return "fixed:ipndm/time-uniform"
+    return "fixed:dpmpp-2m/time-uniform" if budget <= 8 else "fixed:unipc/logsnr-uniform"
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Catalog:
         self.model, self.denoiser = model, denoiser
         self.root = Path(root).resolve()
         self.fingerprint = model_fingerprint(denoiser)
-        self.num_classes = _num_classes(denoiser)
+        self.num_classes = model_classes(denoiser)
         self.learned: Learned | None = None
         self.last_swap: dict | None = None
         self.fallback = _evaluation(Path(evaluation), model) if evaluation else {}
@@ -205,7 +205,7 @@ class Catalog:
         }
 
 
-def _num_classes(denoiser) -> int:
+def model_classes(denoiser) -> int:
     """Class labels the model knows (0..n-1); -1 is always 'no class'."""
     null = getattr(denoiser, "null_class", None)
     if null is not None:

@@ -21,15 +21,45 @@ def add_arguments(parser) -> None:
     add_flags(parser, AppArgs, title="application (AppArgs)")
 
 
+def check_inputs(app_args) -> str:
+    """Checks the model, the policy and the API key before anything starts, raising a
+    ``ValueError`` or ``FileNotFoundError`` with one clear sentence; returns what will be served.
+    A policy that does not load is an error unless ``allow_degraded``."""
+    from rldiff.data.models import load_model
+    from rldiff.serving.auth import ApiKey
+    from rldiff.serving.catalog import Catalog
+
+    ApiKey.load(app_args.api_key_env, app_args.api_key_file, app_args.require_api_key)
+    root = Path(app_args.policy_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"policy root {root} does not exist")
+    if app_args.evaluation and not Path(app_args.evaluation).is_dir():
+        raise FileNotFoundError(f"evaluation directory {app_args.evaluation} does not exist")
+    try:
+        denoiser = load_model(app_args.model, "cpu")
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # a library's error about a broken model directory
+        why = f"{type(err).__name__}: {err}"
+        raise ValueError(f"model {app_args.model} does not load: {why}") from None
+    catalog = Catalog(app_args.model, denoiser, root, app_args.evaluation)
+    if catalog.swap(app_args.policy):
+        return f"policy {app_args.policy}"
+    why = catalog.last_swap["error"]
+    if not app_args.allow_degraded:
+        raise ValueError(
+            f"policy {app_args.policy!r} cannot be served ({why}); pass --allow-degraded to serve "
+            "the best hand-built schedule per budget instead"
+        )
+    return f"DEGRADED: the best hand-built schedule per budget ({why})"
+
+
 def run(args) -> int:
     """Serves until interrupted; returns the exit status."""
     from rldiff.serving.app import AppArgs, build_app
-    from rldiff.serving.auth import ApiKey
 
     server, app_args = from_flags(ServeRun, args), from_flags(AppArgs, args)
-    ApiKey.load(app_args.api_key_env, app_args.api_key_file, app_args.require_api_key)  # before Ray
-    if app_args.policy_root and not Path(app_args.policy_root).is_dir():
-        raise FileNotFoundError(f"policy root {app_args.policy_root} does not exist")
+    serving = check_inputs(app_args)  # before Ray: a bad input fails here, in one line
     if server.host == LOOPBACK:  # every Ray socket on loopback too (before Ray starts)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -42,7 +72,9 @@ def run(args) -> int:
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(app, name="rldiff", route_prefix="/")
-        print(f"serving on http://{server.host}:{server.port} (API docs: /docs); Ctrl-C stops")
+        url = f"http://{server.host}:{server.port}"
+        print(f"serving {serving} on {url} (API docs: {url}/docs; health: {url}/v1/health;")
+        print(f"  metrics: {url}/metrics); Ctrl-C stops")
         deadline = None if server.for_seconds is None else time.monotonic() + server.for_seconds
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)

@@ -77,3 +77,51 @@ class SamplerMetrics:
 
     def set_degraded(self, degraded: bool) -> None:
         self.degraded.set(1 if degraded else 0)
+
+
+def cluster_metrics(prefix: str = "ray_rldiff_", timeout_s: float = 5.0) -> str:
+    """The service's metrics (names starting with ``prefix``) as Prometheus text, gathered from
+    the metrics port of every live node of the Ray cluster (where Ray exports them every few
+    seconds) and grouped by metric. A node that does not answer is named in a comment."""
+    import urllib.request
+
+    import ray
+
+    texts, missing = [], []
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as answer:  # noqa: S310
+                texts.append(answer.read().decode())
+        except OSError as err:
+            missing.append(f"# {url} did not answer: {type(err).__name__}")
+    return "\n".join([*missing, *merge_metrics(texts, prefix)]) + "\n"
+
+
+def merge_metrics(texts: list[str], prefix: str) -> list[str]:
+    """The lines of the metrics named ``prefix...`` in several Prometheus texts, one ``# HELP`` and
+    ``# TYPE`` per metric followed by all its samples."""
+    comments: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    lines = [line for text in texts for line in text.splitlines()]
+    for line in lines:
+        parts = line.split()
+        if (
+            line.startswith(("# HELP ", "# TYPE "))
+            and len(parts) > 2
+            and parts[2].startswith(prefix)
+        ):
+            family = comments.setdefault(parts[2], [])
+            if line not in family:
+                family.append(line)
+    for line in lines:
+        if line.startswith(prefix):
+            name = line.split("{")[0].split()[0]
+            family = max((f for f in comments if name.startswith(f)), key=len, default=name)
+            samples.setdefault(family, []).append(line)
+    out = []
+    for family in sorted(set(comments) | set(samples)):
+        out += comments.get(family, []) + samples.get(family, [])
+    return out

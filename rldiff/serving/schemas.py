@@ -10,10 +10,19 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Literal
+from functools import lru_cache
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
+INGRESS_ONGOING = 1024  # requests in one ingress replica at once (its max_ongoing_requests)
 MAX_SEED = 2**62  # seeds are per-sample generator seeds (the step-noise stream adds 2**40)
 POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9:/_-]{0,63}$")  # names only: no dots, no paths
 BUDGET_SEMANTICS = (
@@ -34,6 +43,9 @@ class Limits:
     min_guidance: float = 0.0
     max_guidance: float = 10.0
     max_body_bytes: int = 65536
+    max_header_bytes: int = 16384  # all request headers together (431)
+    body_timeout_s: float = 10.0  # from the request's start to its whole body (408)
+    max_waiting_bodies: int = 512  # requests waiting for their bodies at once, per ingress (503)
 
     def __post_init__(self):
         if not 1 <= self.max_samples <= self.max_batch_samples:
@@ -44,74 +56,100 @@ class Limits:
             raise ValueError("limits need 0 <= min_guidance <= max_guidance")
         if self.max_batch_requests < 1 or self.max_body_bytes < 1024:
             raise ValueError("limits need max_batch_requests >= 1 and max_body_bytes >= 1024")
+        if self.max_header_bytes < 1024 or self.body_timeout_s <= 0:
+            raise ValueError("limits need max_header_bytes >= 1024 and body_timeout_s > 0")
+        if not 1 <= self.max_waiting_bodies < INGRESS_ONGOING:
+            raise ValueError(f"limits need 1 <= max_waiting_bodies < {INGRESS_ONGOING}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class GenerateRequest(BaseModel):
-    """One request: ``n`` samples sharing a policy, budget, guidance and output format."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    n: int | None = Field(
-        None, ge=1, description="samples (default: len(seeds) or len(labels), else 1)"
-    )
-    labels: int | list[int] | None = Field(
-        None, description="class label for all samples, or one per sample; -1 or null: none"
-    )
-    guidance: float = Field(1.0, allow_inf_nan=False, description="classifier-free guidance scale")
-    seeds: int | list[int] | None = Field(
-        None,
-        description="one seed per sample, or a first seed (seed, seed + 1, ...); null: random "
-        "seeds, returned in the response",
-    )
-    budget: int = Field(5, ge=1, description=BUDGET_SEMANTICS)
-    policy: str = Field(
-        "learned", max_length=64, description="'learned' or a baseline name (GET /v1/policy)"
-    )
-    output: Literal["png", "array"] = Field(
-        "png", description="png: base64 PNG per sample; array: the raw sample values"
-    )
-
-    @field_validator("policy")
-    @classmethod
-    def _a_name(cls, policy: str) -> str:
-        if not POLICY_NAME.match(policy):
-            raise ValueError(
-                "policy must be a name such as 'learned' or 'fixed:unipc/karras' "
-                "(lower-case letters, digits and ':/_-'; never a path)"
-            )
-        return policy
-
-    @field_validator("seeds")
-    @classmethod
-    def _in_range(cls, seeds):
-        for s in seeds if isinstance(seeds, list) else [seeds or 0]:
-            if not 0 <= s < MAX_SEED:
-                raise ValueError(f"seeds must lie in [0, 2**62), got {s}")
-        return seeds
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GenerateRequest:
-        lengths = {len(v) for v in (self.seeds, self.labels) if isinstance(v, list)}
-        if len(lengths) > 1:
-            raise ValueError("seeds and labels lists must have the same length")
-        if self.n is None:
-            self.n = lengths.pop() if lengths else 1
-        elif lengths and lengths != {self.n}:
-            raise ValueError(f"n is {self.n} but a seeds or labels list has {lengths.pop()}")
-        if isinstance(self.seeds, int) and self.seeds + self.n > MAX_SEED:
-            raise ValueError("seeds must lie in [0, 2**62)")
-        return self
+def _integral(value):
+    """JSON has one number type: ``5.0`` is the integer 5 (JSON Schema agrees); ``5.5``, ``"5"``
+    and ``true`` stay what they are and fail the strict integer check."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
 
 
-class GenerateBatchRequest(BaseModel):
-    """Many independent requests in one call; each gets its own response, in order."""
+def Integer(**bounds):  # noqa: N802 (a type)
+    """A strict integer within ``bounds`` (``ge``, ``le``, ``lt``) that also takes ``5.0``."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
-    model_config = ConfigDict(strict=True, extra="forbid")
 
-    requests: list[GenerateRequest] = Field(min_length=1)
+@lru_cache(maxsize=16)
+def request_models(limits: Limits, num_classes: int | None = None) -> tuple[type, type]:
+    """``(GenerateRequest, GenerateBatchRequest)`` for these limits and a model with
+    ``num_classes`` classes (None: not known here). Every limit is a constraint of the models, so
+    the published schema (``/openapi.json``) states each one and the validator enforces the same;
+    only relations between fields (lengths that must agree) are checked in code."""
+    top_label = MAX_SEED - 1 if num_classes is None else max(num_classes, 0) - 1
+    label = Integer(ge=-1, le=max(top_label, -1))
+    seed = Integer(ge=0, lt=MAX_SEED)
+    first_seed = Integer(ge=0, le=MAX_SEED - limits.max_samples)
+
+    def per_sample(item):
+        return Annotated[list[item], Field(min_length=1, max_length=limits.max_samples)]
+
+    class GenerateRequest(BaseModel):
+        """One request: ``n`` samples sharing a policy, budget, guidance and output format. Lists
+        of seeds and labels have one entry per sample (the same length, and ``n`` if given)."""
+
+        model_config = ConfigDict(strict=True, extra="forbid", title="GenerateRequest")
+
+        n: Integer(ge=1, le=limits.max_samples) | None = Field(
+            None, description="samples (default: len(seeds) or len(labels), else 1)"
+        )
+        labels: label | per_sample(label) | None = Field(
+            None, description="class label for all samples, or one per sample; -1 or null: none"
+        )
+        guidance: float = Field(
+            1.0,
+            ge=limits.min_guidance,
+            le=limits.max_guidance,
+            allow_inf_nan=False,
+            description="classifier-free guidance scale",
+        )
+        seeds: first_seed | per_sample(seed) | None = Field(
+            None,
+            description="one seed per sample, or a first seed (seed, seed + 1, ...); null: random "
+            "seeds, returned in the response",
+        )
+        budget: Integer(ge=limits.min_budget, le=limits.max_budget) = Field(
+            5, description=BUDGET_SEMANTICS
+        )
+        policy: str = Field(
+            "learned",
+            pattern=POLICY_NAME.pattern,
+            description="'learned' or a baseline name (GET /v1/policy); a name, never a path",
+        )
+        output: Literal["png", "array"] = Field(
+            "png", description="png: base64 PNG per sample; array: the raw sample values"
+        )
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            lengths = {len(v) for v in (self.seeds, self.labels) if isinstance(v, list)}
+            if len(lengths) > 1:
+                raise ValueError("seeds and labels lists must have the same length")
+            if self.n is None:
+                self.n = lengths.pop() if lengths else 1
+            elif lengths and lengths != {self.n}:
+                raise ValueError(f"n is {self.n} but a seeds or labels list has {lengths.pop()}")
+            return self
+
+    class GenerateBatchRequest(BaseModel):
+        """Many independent requests in one call; each gets its own response, in order."""
+
+        model_config = ConfigDict(strict=True, extra="forbid", title="GenerateBatchRequest")
+
+        requests: list[GenerateRequest] = Field(min_length=1, max_length=limits.max_batch_requests)
+
+    return GenerateRequest, GenerateBatchRequest
+
+
+GenerateRequest, GenerateBatchRequest = request_models(Limits())  # the defaults, for the docs
 
 
 class Step(BaseModel):
@@ -158,6 +196,14 @@ class GenerateBatchResponse(BaseModel):
     responses: list[GenerateResponse]
 
 
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    degraded: bool = Field(description="true: no learned policy loaded, best hand-built served")
+    serving: str
+    policy: str | None = Field(description="the learned policy's directory, if one is loaded")
+    reason: str | None = Field(description="why no learned policy is loaded, if degraded")
+
+
 class ErrorDetail(BaseModel):
     field: str
     message: str
@@ -193,27 +239,11 @@ class RequestProblem(ValueError):
         return {"status": self.status, "error": str(self), "details": self.details}
 
 
-def to_job(
-    req: GenerateRequest, limits: Limits, num_classes: int | None = None, prefix: str = ""
-) -> Job:
-    """Checks ``req`` against ``limits`` and the model's classes (None: checked later, by the
-    sampler deployment that has the model); raises ``RequestProblem``."""
+def to_job(req, num_classes: int | None = None, prefix: str = "") -> Job:
+    """A validated ``GenerateRequest`` as a ``Job``, its labels checked against the model's classes
+    (None: checked later, by the sampler deployment that has the model); raises
+    ``RequestProblem``."""
     n = req.n
-    if n > limits.max_samples:
-        raise RequestProblem(
-            f"n is {n}; at most {limits.max_samples} samples per request", prefix + "n"
-        )
-    if not limits.min_budget <= req.budget <= limits.max_budget:
-        raise RequestProblem(
-            f"budget is {req.budget}; it must lie in [{limits.min_budget}, {limits.max_budget}]",
-            prefix + "budget",
-        )
-    if not limits.min_guidance <= req.guidance <= limits.max_guidance:
-        raise RequestProblem(
-            f"guidance is {req.guidance}; it must lie in "
-            f"[{limits.min_guidance}, {limits.max_guidance}]",
-            prefix + "guidance",
-        )
     labels = (
         req.labels
         if isinstance(req.labels, list)
@@ -229,6 +259,8 @@ def to_job(
         seeds = list(range(first, first + n))
     else:
         seeds = list(range(req.seeds, req.seeds + n))
+    if not seeds or len(seeds) != len(labels):  # the schema guarantees it; never a 0-sample job
+        raise RequestProblem("a request needs at least one sample", prefix + "n")
     return Job(seeds, labels, float(req.guidance), req.budget, req.policy, req.output)
 
 
@@ -242,35 +274,19 @@ def label_problem(labels: list[int], num_classes: int | None) -> str | None:
     return f"label {bad[0]} is not a class of this model: use {known}, or -1 for none"
 
 
-def to_jobs(
-    batch: GenerateBatchRequest, limits: Limits, num_classes: int | None = None
-) -> list[Job]:
-    """Checks every request of a batch call and the call's totals."""
-    if len(batch.requests) > limits.max_batch_requests:
-        raise RequestProblem(
-            f"{len(batch.requests)} requests; at most {limits.max_batch_requests} per call",
-            "requests",
-        )
-    jobs = [
-        to_job(r, limits, num_classes, prefix=f"requests[{i}].")
-        for i, r in enumerate(batch.requests)
-    ]
-    total = sum(len(j.seeds) for j in jobs)
-    if total > limits.max_batch_samples:
-        raise RequestProblem(
-            f"{total} samples in all; at most {limits.max_batch_samples} per call", "requests"
-        )
-    return jobs
-
-
-def check_generate(body, limits: Limits) -> Job:
+def check_generate(body, limits: Limits, num_classes: int | None = None) -> Job:
     """A parsed JSON body of ``POST /v1/generate`` as a ``Job``; raises ``RequestProblem``."""
-    return to_job(_validate(GenerateRequest, body), limits)
+    model, _ = request_models(limits, num_classes)
+    return to_job(_validate(model, body), num_classes)
 
 
-def check_batch(body, limits: Limits) -> list[Job]:
-    """A parsed JSON body of ``POST /v1/generate/batch`` as ``Job``s; raises ``RequestProblem``."""
-    return to_jobs(_validate(GenerateBatchRequest, body), limits)
+def check_batch(body, limits: Limits, num_classes: int | None = None) -> list[Job]:
+    """A parsed JSON body of ``POST /v1/generate/batch`` as ``Job``s; raises ``RequestProblem``.
+    Each request is one sampler job (merged with the others in flight), so a call may carry up to
+    ``max_batch_requests`` x ``max_samples`` samples."""
+    _, model = request_models(limits, num_classes)
+    batch = _validate(model, body)
+    return [to_job(r, num_classes, prefix=f"requests[{i}].") for i, r in enumerate(batch.requests)]
 
 
 def _validate(model: type[BaseModel], body):
@@ -280,13 +296,41 @@ def _validate(model: type[BaseModel], body):
         raise validation_problem(err) from None
 
 
+UNION_BRANCH = re.compile(r"^(constrained-\w+|[\w-]+\[.*\]|int|float|str|bool|list|dict|none)$")
+FIELDS = {"n", "labels", "guidance", "seeds", "budget", "policy", "output", "requests"}
+
+
 def validation_problem(err: ValidationError) -> RequestProblem:
-    """A pydantic error as a 422 that lists each field and what is wrong with it."""
-    details = []
+    """A pydantic error as a 422 that lists each field and what is wrong with it. A value that fits
+    no member of a union (``seeds``: a seed or a list) is reported once, by the member it came
+    closest to (a range or length error rather than a type error)."""
+    found = []  # (top-level field, path, a type error?, message)
     for e in err.errors(include_url=False, include_input=False):
-        field = ".".join(str(p) for p in e["loc"]) or "request"
-        details.append({"field": field, "message": e["msg"].removeprefix("Value error, ")})
+        parts = [p for p in e["loc"] if not _union_tag(p)]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+        path = path.removeprefix(".") or "request"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_pattern_mismatch" and parts and parts[-1] == "policy":
+            message = (
+                "policy must be a name such as 'learned' or 'fixed:unipc/karras' (lower-case "
+                "letters, digits and ':/_-'; never a path)"
+            )
+        found.append((str(parts[0]) if parts else "", path, e["type"].endswith("_type"), message))
+    closer = {top for top, _, is_type, _ in found if not is_type}
+    by_path: dict[str, list[str]] = {}
+    for top, path, is_type, message in found:
+        if not (is_type and top in closer):  # the union member the value came closest to
+            by_path.setdefault(path, []).append(message)
+    details = [
+        {"field": path, "message": " or ".join(m.removeprefix("Input should be ") if i else m
+                                                for i, m in enumerate(messages[:2]))}
+        for path, messages in by_path.items()
+    ]  # fmt: skip
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     problem = RequestProblem(f"invalid request: {summary}", details[0]["field"] if details else "")
     problem.details = details
     return problem
+
+
+def _union_tag(part) -> bool:
+    return isinstance(part, str) and part not in FIELDS and bool(UNION_BRANCH.match(part))
