@@ -174,25 +174,30 @@ def main(argv: list[str] | None = None) -> int:
     if command.own_errors:
         return command.run(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = getattr(args, "out", None)
+    # the --out folder (flags are stored as "<Config>.out")
+    out = next((v for k, v in vars(args).items() if k.split(".")[-1] == "out" and v), None)
     new_out = out is not None and not Path(out).exists()
-    status = 1
+    status = 1  # an error printed with its trace
     try:
-        status = command.run(args)
-        return status
+        status = _run(command, args)
+    finally:
+        if new_out and status != 0:
+            _remove_if_empty(Path(out))
+    return status
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    """The command's exit status; a reported error is one line on stderr and status 2."""
+    try:
+        return command.run(args)
     except KeyboardInterrupt:
         print(f"rldiff {args.command}: interrupted", file=sys.stderr)
-        status = 130
-        return status
+        return 130
     except Exception as err:
         if not _reported(err):
             raise
         print(f"rldiff {args.command}: error: {err}", file=sys.stderr)
-        status = 2
-        return status
-    finally:
-        if new_out and status != 0:
-            _remove_if_empty(Path(out))
+        return 2
 
 
 def _remove_if_empty(folder: Path) -> None:

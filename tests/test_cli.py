@@ -146,3 +146,24 @@ def test_bad_flags_and_unknown_subcommands_are_argparse_errors():
     code, _, err, modules = rldiff("bogus")
     assert code == 2 and "invalid choice: 'bogus'" in err
     assert modules == {"rldiff", "rldiff.cli"}
+
+
+def test_a_failed_command_says_why_and_leaves_no_empty_output(tmp_path, capsys):
+    from rldiff.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--out", str(out), "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a diffusers model directory" in err
+    assert not out.exists()
+
+
+def test_submit_outside_the_repository_runs_the_installed_package(tmp_path, monkeypatch, capsys):
+    from rldiff import submit
+
+    monkeypatch.chdir(tmp_path)
+    env = submit.default_runtime_env()
+    assert env == {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}}
+    assert "installed on the cluster" in capsys.readouterr().out
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert submit.default_runtime_env() is None  # the repository's jobs/runtime_env.yaml
