@@ -39,22 +39,16 @@ BUDGETS = (3, 4, 5, 6, 8, 10)
 
 def random_learned_policy(seed: int = 0):
     """A ``LearnedPolicy`` over freshly initialised modules built from ``build_config``'s spec."""
-    import gymnasium as gym
-
     from rldiff.baselines.learned import LearnedPolicy
     from rldiff.config import TrainConfig
-    from rldiff.core.routing import N_EXPERTS, OBS_DIM
+    from rldiff.core.routing import N_EXPERTS
     from rldiff.core.solvers import EXPERT_NAMES
-    from rldiff.rl.algo import ROUTER, build_config, module_ids
+    from rldiff.rl.algo import ROUTER, build_config, module_ids, module_spaces
     from rldiff.rl.export import policy_net_from_module
 
     torch.manual_seed(seed)
-    obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-    expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     ids = module_ids()
-    spaces = {
-        m: (obs_space, gym.spaces.Discrete(N_EXPERTS) if m == ROUTER else expert_space) for m in ids
-    }
+    spaces = {m: module_spaces(m, N_EXPERTS) for m in ids}
     config = build_config(TrainConfig())
     multi = config.get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
     nets = {m: policy_net_from_module(multi[m]) for m in ids}

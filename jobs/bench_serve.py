@@ -13,7 +13,8 @@ p50 / p99 latency):
 Without ``--policy`` it exports an UNTRAINED policy for the embedded model into a temporary
 directory (fresh modules, the logSNR split as base schedule): its decisions are meaningless, its cost is a
 trained policy's, so the figures are latency and throughput only. It starts a local Ray and Serve
-on 127.0.0.1 (access log off) and measures, all with one torch thread:
+on 127.0.0.1 (access log off) with the Ray settings ``rldiff serve`` uses
+(``rldiff.serving.app.cluster_env``), and measures, all with one torch thread:
 
 1. latency of a one-sample ``POST /v1/generate`` (PNG output), one request at a time: p50 / p99
    over ``--requests`` requests after a warm-up;
@@ -156,7 +157,7 @@ def main() -> None:
 
     from rldiff.baselines.learned import LearnedPolicy
     from rldiff.rl.untrained import untrained_policy
-    from rldiff.serving.app import build_app
+    from rldiff.serving.app import build_app, cluster_env
 
     tmp = tempfile.TemporaryDirectory()
     root, policy = args.policy_root, args.policy
@@ -167,6 +168,7 @@ def main() -> None:
     print(f"service batch_wait_s: {args.batch_wait_s or 'default'}")
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/generate"
+    print(f"Ray cluster settings (as rldiff serve sets them): {cluster_env()}")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

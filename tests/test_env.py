@@ -17,6 +17,7 @@ from rldiff.core.sampler import sample
 from rldiff.core.schedules import get_schedule
 from rldiff.core.solvers import EXPERT_NAMES, expert_index
 from rldiff.rl.env import RoutingEnv
+from rldiff.rl.rows import ACTS, REWARD, ROW_WIDTH
 
 UNIPC = expert_index("unipc")
 
@@ -33,22 +34,32 @@ def env_config(tmp_path_factory):
 
 
 def rollout(env, router, expert_action, seed=0):
-    """Runs one episode; ``router(aid)`` / ``expert_action(aid)`` pick the actions."""
+    """Runs one episode; ``router(aid)`` / ``expert_action(aid)`` pick each agent's actions for
+    the whole batch. Returns each agent's per-sample returns (the sum of its observations'
+    ``REWARD`` column), the terminated agents and the number of env steps."""
     obs, _ = env.reset(seed=seed)
     returns, terminated, steps = {}, set(), 0
     while True:
-        actions = {
-            aid: router(aid) if aid.startswith("router_") else expert_action(aid) for aid in obs
-        }
+        actions = {aid: router(aid) if aid == "router" else expert_action(aid) for aid in obs}
         assert not terminated & set(actions), "a finished agent acted"
         obs, rewards, terms, truncs, _ = env.step(actions)
         steps += 1
-        for aid, r in rewards.items():
-            returns[aid] = returns.get(aid, 0.0) + r
+        for aid, o in obs.items():
+            returns[aid] = returns.get(aid, 0.0) + o[:, REWARD].astype(np.float64)
         terminated |= {aid for aid, t in terms.items() if t and aid != "__all__"}
         assert not truncs["__all__"]
         if terms["__all__"]:
             return returns, terminated, steps
+
+
+def zeros(env):
+    """Zero expert actions for the whole batch."""
+    return lambda aid: np.zeros((env.batch_size, 2), np.float32)
+
+
+def constant(env, action):
+    """The same router action for every sample."""
+    return lambda aid: np.full(env.batch_size, action)
 
 
 def test_passes_rllib_multiagent_checks(env_config):
@@ -56,10 +67,11 @@ def test_passes_rllib_multiagent_checks(env_config):
 
     env = RoutingEnv(env_config)
     check_multiagent_environments(env)
-    assert len(env.possible_agents) == env.batch_size * (1 + N_EXPERTS)
-    assert env.observation_spaces["router_0"].shape == (OBS_DIM,)
-    assert env.action_spaces["router_0"].n == N_EXPERTS
-    assert env.action_spaces[f"expert{N_EXPERTS - 1}_0"].shape == (2,)
+    b = env.batch_size
+    assert env.possible_agents == ["router", *(f"expert{k}" for k in range(N_EXPERTS))]
+    assert env.observation_spaces["router"].shape == (b, ROW_WIDTH) and ROW_WIDTH > OBS_DIM
+    assert list(env.action_spaces["router"].nvec) == [N_EXPERTS] * b
+    assert env.action_spaces[f"expert{N_EXPERTS - 1}"].shape == (b, 2)
 
 
 def test_random_rollout_respects_budgets(env_config):
@@ -71,10 +83,13 @@ def test_random_rollout_respects_budgets(env_config):
     assert env.batch.done and steps % 2 == 0
     assert (env.batch.nfe <= env.budget).all() and (env.batch.nfe >= 1).all()
     assert all(s < env_config["n_train"] for s in env.seeds)  # training seeds only
-    for i in range(env.batch_size):  # the router and each acting expert end with the same reward
-        assert f"router_{i}" in terminated
-        shared = {returns[a] for a in terminated if a.endswith(f"_{i}")}
-        assert len(shared) == 1 and -2.0 <= shared.pop() <= 2.0
+    assert terminated == set(env.possible_agents)
+    r = env._rewards().numpy()  # each sample's reward: its router row and each acting expert's
+    np.testing.assert_allclose(returns["router"], r, rtol=1e-6, atol=1e-6)
+    for j, k in enumerate(env.experts):
+        expected = np.where(env.acted[j], r, 0.0)
+        np.testing.assert_allclose(returns[f"expert{k}"], expected, rtol=1e-6, atol=1e-6)
+    assert env.acted.any(0).all() and (r >= -2.0).all() and (r <= 2.0).all()
     usage = [env.summary[f"expert_usage/{n}"] for n in EXPERT_NAMES]
     assert sum(usage) == pytest.approx(1.0) and env.summary["nfe_mean"] <= 10
 
@@ -90,7 +105,7 @@ def test_zero_actions_reproduce_the_base_schedule(env_config, schedules):
     if schedules:
         cfg["base_schedules"] = {str(b): s.tolist() for b, s in table.items()}  # JSON-ish keys
     env = RoutingEnv(cfg)
-    returns, _, _ = rollout(env, lambda a: UNIPC, lambda a: np.zeros(2, np.float32))
+    returns, _, _ = rollout(env, constant(env, UNIPC), zeros(env))
     x0 = env.batch.x
 
     base = sample(env.denoiser, env.base_policy, env.noise, env.cond, env.budget, env.seeds)
@@ -108,9 +123,8 @@ def test_zero_actions_reproduce_the_base_schedule(env_config, schedules):
     else:  # exp(-h) steps vs a linspace in log sigma: equal up to rounding
         torch.testing.assert_close(x0, fixed.x0, rtol=0, atol=1e-5)
     expected = -0.01 * env.budget.double()
-    for i in range(env.batch_size):
-        assert returns[f"router_{i}"] == pytest.approx(float(expected[i]), abs=1e-9)
-        assert returns[f"expert{UNIPC}_{i}"] == pytest.approx(float(expected[i]), abs=1e-9)
+    np.testing.assert_allclose(returns["router"], expected.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(returns[f"expert{UNIPC}"], expected.numpy(), rtol=0, atol=1e-6)
 
 
 def test_step_action_scales_the_log_step(env_config):
@@ -153,8 +167,8 @@ def tiny_config(tiny_train_config, env_config, **changes):
 def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
     from rldiff.rl.algo import build_config, policy_mapping_fn
 
-    assert policy_mapping_fn("router_3", None) == "router"
-    assert policy_mapping_fn("expert4_11", None) == "expert_4"
+    assert policy_mapping_fn("router", None) == "router"
+    assert policy_mapping_fn("expert4", None) == "expert_4"
     cfg = tiny_config(tiny_train_config, env_config, cost_per_nfe=(0.0, 0.01))
     algo = build_config(cfg).build_algo()
     try:
@@ -171,29 +185,29 @@ def test_ppo_smoke_two_iterations(ray_local, env_config, tiny_train_config):
 
 
 def test_single_expert_has_no_router(env_config):
-    """experts=["unipc"]: only unipc's agents, one env step per sampler step, zero actions = base."""
+    """experts=["unipc"]: only unipc's agent, one env step per sampler step, zero actions = base."""
     from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
     env = RoutingEnv({**env_config, "experts": ["unipc"]})
     check_multiagent_environments(env)
-    assert env.possible_agents == [f"expert{UNIPC}_{i}" for i in range(env.batch_size)]
+    assert env.possible_agents == [f"expert{UNIPC}"]
     obs, _ = env.reset(seed=0)
-    assert set(obs) == set(env.possible_agents)
-    returns, terminated, steps = rollout(env, None, lambda a: np.zeros(2, np.float32))
+    assert set(obs) == set(env.possible_agents) and (obs[f"expert{UNIPC}"][:, ACTS] == 1).all()
+    returns, terminated, steps = rollout(env, None, zeros(env))
     assert terminated == set(env.possible_agents) and steps == len(env.batch.steps)
     assert torch.equal(env.batch.nfe, env.budget)
     base = sample(env.denoiser, env.base_policy, env.noise, env.cond, env.budget, env.seeds)
     assert torch.equal(env.batch.x, base.x0)
     # 0 up to rounding: the cached base RMSE may come from a differently composed batch
-    assert max(map(abs, returns.values())) < 1e-5
+    assert np.abs(returns[f"expert{UNIPC}"]).max() < 1e-5
     assert env.summary["expert_usage/unipc"] == 1.0
 
 
 def test_expert_subset_maps_router_actions(env_config):
     env = RoutingEnv({**env_config, "experts": ["heun", "euler"]})
-    assert env.action_spaces["router_0"].n == 2
-    assert {a.split("_")[0] for a in env.possible_agents} == {"router", "expert3", "expert0"}
-    rollout(env, lambda a: 1, lambda a: np.zeros(2, np.float32))  # router action 1 -> euler
+    assert list(env.action_spaces["router"].nvec) == [2] * env.batch_size
+    assert env.possible_agents == ["router", "expert3", "expert0"]
+    rollout(env, constant(env, 1), zeros(env))  # router action 1 -> euler
     assert env.summary["expert_usage/euler"] == 1.0
 
 

@@ -14,6 +14,7 @@ from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+from rldiff.core.routing import OBS_DIM, experts_in_use
 from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.data.models import load_model
 from rldiff.rl.algo import (
@@ -22,11 +23,13 @@ from rldiff.rl.algo import (
     WarmStartPPOModule,
     build_config,
     module_ids,
+    module_spaces,
     policy_output_layer,
     router_warm_start_probs,
     warm_start_note,
 )
 from rldiff.rl.env import RoutingEnv, training_references
+from rldiff.rl.rows import ACTS
 
 EXPERTS = ("heun", "unipc", "euler")  # a subset, base expert (unipc) at router action 1
 BASE = EXPERTS.index("unipc")
@@ -72,13 +75,17 @@ def router_obs(cfg) -> torch.Tensor:
     env = RoutingEnv(cfg.env_config())
     obs, _ = env.reset(seed=3)
     rng, seen = np.random.default_rng(0), []
-    while obs:
-        seen += [o for a, o in obs.items() if a.startswith("router_")]
+    b, done = env.batch_size, False
+    while not done:
+        if "router" in obs:
+            router = obs["router"]
+            seen += list(router[router[:, ACTS] > 0.5, :OBS_DIM])
         actions = {
-            a: int(rng.integers(len(EXPERTS))) if a.startswith("router_") else np.zeros(2, "f4")
+            a: rng.integers(len(EXPERTS), size=b) if a == "router" else np.zeros((b, 2), "f4")
             for a in obs
         }
-        obs, *_ = env.step(actions)
+        obs, _, terminated, _, _ = env.step(actions)
+        done = terminated["__all__"]
     return torch.as_tensor(np.stack(seen))
 
 
@@ -111,7 +118,15 @@ def _actor(key: str) -> bool:
 def default_modules(cfg: TrainConfig):
     """``build_config(cfg)`` with RLlib's default PPO modules and no warm start keys."""
     model = DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False)
-    specs = {m: RLModuleSpec(model_config=model) for m in module_ids(cfg.experts)}
+    ids, n = module_ids(cfg.experts), len(experts_in_use(cfg.experts))
+    specs = {
+        m: RLModuleSpec(
+            model_config=model,
+            observation_space=module_spaces(m, n)[0],
+            action_space=module_spaces(m, n)[1],
+        )
+        for m in ids
+    }
     return build_config(cfg).rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=specs))
 
 

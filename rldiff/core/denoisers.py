@@ -145,7 +145,7 @@ class DiffusersDenoiser:
             set_tf32(self.allow_tf32)
         s = sigma.to(x.device, x.dtype).view(-1, 1, 1, 1)
         c_in = 1 / (s**2 + 1).sqrt()  # EDM x -> the VP input the network was trained on
-        t = self.noise_table.sigma_to_t(sigma.cpu().to(torch.float64)).to(x.device, torch.float32)
+        t = self.noise_table.sigma_to_t(sigma.to(x.device, torch.float64)).float()  # no host trip
         dtype = next(self.unet.parameters()).dtype
         out = self.unet((x * c_in).to(dtype), t, class_labels=labels).sample.to(x.dtype)
         if self.prediction_type == "epsilon":

@@ -235,13 +235,23 @@ class DiscreteVP:
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for each sigma (clamped to the trained range)."""
-        log_sigmas = self.sigmas.log()
+        """Fractional timestep for each sigma (clamped to the trained range), computed on
+        ``sigma``'s device (the table is copied there once)."""
+        log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.to(torch.float64).clamp(self.sigma_min, self.sigma_trained_max).log()
         high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
         low = high - 1
         w = (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
         return (low + w.clamp(0, 1)).to(sigma.dtype)
+
+    def _log_sigmas(self, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_log_sigmas_on", {})  # a cache, not a field
+        if device not in cache:
+            cache[device] = self.sigmas.log().to(device)
+        return cache[device]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_log_sigmas_on"}
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Sigma at (fractional) timestep t."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
@@ -43,9 +44,11 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rldiff.config import TrainConfig
-from rldiff.core.routing import N_EXPERTS, experts_in_use
+from rldiff.core.routing import N_EXPERTS, OBS_DIM, experts_in_use
 from rldiff.core.solvers import EXPERT_NAMES, expert_index
-from rldiff.rl.env import RoutingEnv
+from rldiff.rl.env import ROUTER_AGENT, RoutingEnv
+from rldiff.rl.learner import RowPPOLearner
+from rldiff.rl.rows import ACTS
 
 ROUTER = "router"
 EXPERT_MODULES = tuple(f"expert_{k}" for k in range(N_EXPERTS))
@@ -60,10 +63,19 @@ def module_ids(experts=None) -> tuple[str, ...]:
 
 
 def policy_mapping_fn(agent_id: str, episode=None, **kwargs) -> str:
-    """``router_{i}`` -> ``router``; ``expert{k}_{i}`` -> ``expert_{k}``."""
-    if agent_id.startswith("router_"):
+    """``router`` -> ``router``; ``expert{k}`` -> ``expert_{k}``."""
+    if agent_id == ROUTER_AGENT:
         return ROUTER
-    return f"expert_{agent_id.removeprefix('expert').split('_')[0]}"
+    return f"expert_{int(agent_id.removeprefix('expert'))}"
+
+
+def module_spaces(module_id: str, n_experts: int) -> tuple[gym.Space, gym.Space]:
+    """A module's observation and action space for ONE sample (a row of its agent's batch):
+    the module is the same network a per-sample agent would have."""
+    obs = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    if module_id == ROUTER:
+        return obs, gym.spaces.Discrete(n_experts)
+    return obs, gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 
 def build_config(cfg: TrainConfig) -> PPOConfig:
@@ -72,6 +84,7 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
     model = asdict(DefaultModelConfig(fcnet_hiddens=list(cfg.hidden), vf_share_layers=False))
     env_config = cfg.env_config()
     modules = module_ids(env_config["experts"])
+    n_experts = len(experts_in_use(env_config["experts"]))
     overrides = {ROUTER: {"entropy_coeff": router_entropy(cfg)}} if ROUTER in modules else {}
     return (
         PPOConfig()
@@ -88,6 +101,8 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
                 rl_module_specs={
                     m: RLModuleSpec(
                         module_class=WarmStartPPOModule,
+                        observation_space=module_spaces(m, n_experts)[0],
+                        action_space=module_spaces(m, n_experts)[1],
                         model_config={**model, **initial_outputs(cfg, m)},
                     )
                     for m in modules
@@ -100,8 +115,11 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
             num_envs_per_env_runner=1,
             num_cpus_per_env_runner=1,
             num_gpus_per_env_runner=gpus_per_env_runner(cfg.env_runners),
+            # Whole episodes: every sample's trajectory ends inside the batch, so the per-row
+            # advantages (``RowPPOLearner``) need no bootstrap values.
+            batch_mode="complete_episodes",
         )
-        .learners(**learner_resources(cfg.env_runners))
+        .learners(learner_class=RowPPOLearner, **learner_resources(cfg.env_runners))
         # A lost env runner (its node gone) is restarted elsewhere; the iteration goes on with
         # the others meanwhile, so training survives losing a worker node.
         .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
@@ -203,7 +221,20 @@ class WarmStartPPOModule(DefaultPPOTorchRLModule):
 
     Set at construction, not edited into a built algorithm: every copy (learner, env runners)
     starts so without a weight sync of its own, and a restore loads its checkpoint over it.
+
+    Observations may carry more columns than the module's space (an agent's ``[B, ROW_WIDTH]``
+    rows, ``rldiff.rl.rows``): every forward reads the first ``OBS_DIM`` columns, on any leading
+    shape, so the env runner's forward on ``[1, B, ROW_WIDTH]`` gives per-sample outputs.
     """
+
+    def _forward(self, batch, **kwargs):
+        return super()._forward(features_only(batch), **kwargs)
+
+    def _forward_train(self, batch, **kwargs):
+        return super()._forward_train(features_only(batch), **kwargs)
+
+    def compute_values(self, batch, embeddings=None):
+        return super().compute_values(features_only(batch), embeddings)
 
     def setup(self):
         super().setup()
@@ -222,6 +253,12 @@ class WarmStartPPOModule(DefaultPPOTorchRLModule):
                 half = layer.out_features // 2
                 layer.weight[half:].zero_()
                 layer.bias[half:].fill_(float(np.log(std)))
+
+
+def features_only(batch: dict) -> dict:
+    """``batch`` with its observations cut to the ``OBS_DIM`` feature columns."""
+    obs = batch[Columns.OBS]
+    return batch if obs.shape[-1] == OBS_DIM else {**batch, Columns.OBS: obs[..., :OBS_DIM]}
 
 
 def policy_output_layer(module) -> torch.nn.Linear:
@@ -287,15 +324,16 @@ def _routing_env(env, index: int) -> RoutingEnv:
 
 
 def _router_entropy(episode, n: int = N_EXPERTS) -> float | None:
-    """Mean entropy (nats) of the router's action distribution (``n`` choices) over this episode
-    chunk."""
-    logits = [
-        np.asarray(sa.get_extra_model_outputs(Columns.ACTION_DIST_INPUTS), dtype=np.float64)
-        for aid, sa in episode.agent_episodes.items()
-        if aid.startswith("router_") and Columns.ACTION_DIST_INPUTS in sa.extra_model_outputs
-    ]
-    logits = [x.reshape(-1, n) for x in logits if x.size]
-    if not logits:
+    """Mean entropy (nats) of the router's action distribution (``n`` choices) over the samples
+    it acted on in this episode chunk."""
+    router = episode.agent_episodes.get(ROUTER_AGENT)
+    if router is None or Columns.ACTION_DIST_INPUTS not in router.extra_model_outputs:
         return None
-    logp = torch.log_softmax(torch.as_tensor(np.concatenate(logits)), dim=1)
+    logits = np.asarray(router.get_extra_model_outputs(Columns.ACTION_DIST_INPUTS), np.float64)
+    steps = len(logits)
+    acts = np.asarray(router.get_observations(slice(0, steps)))[..., ACTS] > 0.5
+    logits = logits.reshape(steps, -1, n)[acts]
+    if not len(logits):
+        return None
+    logp = torch.log_softmax(torch.as_tensor(logits), dim=1)
     return float(-(logp.exp() * logp).sum(1).mean())

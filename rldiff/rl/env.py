@@ -1,19 +1,28 @@
 """The routing MDP as an RLlib multi-agent env: one episode samples a batch with the shared sampler.
 
-Agents per sample ``i``: ``router_{i}`` (Discrete(N_EXPERTS): which expert solver steps) and
-``expert{k}_{i}`` (Box [-1, 1]^2: step size and noise amount around the base schedule).
-Turn-based: env step A, every unfinished sample's router acts; env step B, each sample's chosen
-expert acts, then ``Sampling.advance`` steps the whole batch with one ``Decision`` (and the next
-``observe()`` evaluates the denoiser once for all unfinished samples). At a sample's end its router
-and every expert that acted on it get ``r = clip(log(rmse_base / rmse), -2, 2) - cost * nfe``, where
-``rmse_base`` is what the base schedule with ``base_expert`` reaches from the same noise; all other
-rewards are 0 (RLlib adds a reward for an agent without an observation to its last action).
+One agent per *module*, each acting on every sample of the batch at once (a row per sample):
+``router`` (action ``[B]`` in ``Discrete(len(experts))``: which expert solver steps each sample)
+and ``expert{k}`` (action ``[B, 2]`` in [-1, 1]: step size and noise amount around the base
+schedule). Turn-based: env step A, the router acts on every unfinished sample; env step B, every
+expert in play acts, and a row counts for expert ``k`` only where the router chose ``k``; then
+``Sampling.advance`` steps the whole batch with one ``Decision`` (and the next ``observe()``
+evaluates the denoiser once for all unfinished samples). So RLlib's bookkeeping per sampler step is
+a handful of agents, not two per sample, whatever the batch size.
+
+Each agent observes ``[B, ROW_WIDTH]`` (``rldiff.rl.rows``): the sample's features, whether the
+agent acts on the row now, and the reward the row brought this agent since its last observation.
+At a sample's end its router row and the row of every expert that acted on it get
+``r = clip(log(rmse_base / rmse), -2, 2) - cost * nfe``, where ``rmse_base`` is what the base
+schedule with ``base_expert`` reaches from the same noise; all other rewards are 0. The learner
+(``rldiff.rl.learner``) turns these rows back into one PPO row per (sample, step) with its own
+advantage: per-sample credit assignment, as if each sample had agents of its own. The scalar
+reward RLlib sees is the mean over the batch (for its episode-return metrics only).
 What the actions mean, the features and the reward are ``rldiff.core.routing``'s.
 
 ``experts`` (env_config, default all) restricts the experts in play: with several, the router picks
-among them (router action ``j`` -> global expert ``experts[j]``; expert agent ids keep the global
-index); with ONE there is no router at all (the ``ppo-single`` ablation: step size only, one solver)
-and every env step is one sampler step in which that expert's agents act.
+among them (router action ``j`` -> global expert ``experts[j]``, ``routed_experts``; expert agent
+ids keep the global index); with ONE there is no router at all (the ``ppo-single`` ablation: step
+size only, one solver) and every env step is one sampler step in which that expert acts.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from rldiff.core.seeds import initial_noise
 from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.data.models import load_model, visible_device
 from rldiff.data.reference import seed_bank
+from rldiff.rl.rows import ROW_WIDTH, row_observation
 
 
 def env_defaults() -> dict:
@@ -59,12 +69,19 @@ def training_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
     }
 
 
+ROUTER_AGENT = "router"
+
+
+def expert_agent(k: int) -> str:
+    """The agent id of global expert ``k``."""
+    return f"expert{k}"
+
+
 class RoutingEnv(MultiAgentEnv):
-    """Routers and experts over one batch of samples per episode (see the module docstring).
+    """The router and the experts over one batch of samples per episode (see the module docstring).
 
     ``summary`` holds the last finished episode's metrics for callbacks (infos given to agents
     without an observation are dropped by RLlib's episode, so they cannot carry them).
-    ``agents`` stays ``possible_agents``: agents of finished samples are terminated, not removed.
     """
 
     def __init__(self, env_config: dict | None = None):
@@ -78,24 +95,25 @@ class RoutingEnv(MultiAgentEnv):
         self.base = BaseSchedule.make(cfg["base_schedules"], cfg["step_range"])
         self.base_policy = BaseSchedulePolicy(cfg["base_expert"], self.base)
         self.experts = experts_in_use(cfg["experts"])  # router action j -> expert experts[j]
-        self.routed = len(self.experts) > 1  # one expert: no router agents
+        self.routed = len(self.experts) > 1  # one expert: no router agent
         self._base_rmse: dict[tuple, float] = {}  # (seed, guidance, budget) -> base RMSE
         runner = [getattr(env_config, a, 0) for a in ("worker_index", "vector_index")]
         self._rng = np.random.default_rng([int(cfg["seed"]), *runner])
-        obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-        expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        n, ks = self.batch_size, self.experts
-        ids = [(f"router_{i}", gym.spaces.Discrete(len(ks))) for i in range(n) if self.routed]
-        ids += [(f"expert{k}_{i}", expert_space) for i in range(n) for k in ks]
-        self.possible_agents = [aid for aid, _ in ids]
+        n = self.batch_size
+        obs_space = gym.spaces.Box(-np.inf, np.inf, (n, ROW_WIDTH), np.float32)
+        self.expert_agents = [expert_agent(k) for k in self.experts]
+        spaces = {a: gym.spaces.Box(-1.0, 1.0, (n, 2), np.float32) for a in self.expert_agents}
+        if self.routed:
+            spaces = {ROUTER_AGENT: gym.spaces.MultiDiscrete([len(self.experts)] * n), **spaces}
+        self.possible_agents = list(spaces)
         self.agents = list(self.possible_agents)
-        self.observation_spaces = {aid: obs_space for aid, _ in ids}
-        self.action_spaces = dict(ids)
+        self.observation_spaces = {a: obs_space for a in spaces}
+        self.action_spaces = spaces
         self.summary: dict[str, float] = {}
 
     def reset(self, *, seed=None, options=None):
-        """Draws a batch (training seeds, guidance, budgets, costs); the routers (or, with one
-        expert, its agents) observe."""
+        """Draws a batch (training seeds, guidance, budgets, costs); the router (or, with one
+        expert, that expert) observes."""
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         cfg, b, rng = self.config, self.batch_size, self._rng
@@ -111,54 +129,77 @@ class RoutingEnv(MultiAgentEnv):
         self.noise = initial_noise(self.seeds, tuple(self.reference.shape[1:])).to(self.device)
         self.rmse_base = self._base(guidance)
         self.batch = Sampling(self.denoiser, self.noise, self.cond, self.budget, self.seeds)
-        self.acted = [set() for _ in range(b)]  # expert indices that acted on each sample
+        # acted[j, i]: expert experts[j] acted on sample i; pending: rewards not yet observed
+        self.acted = np.zeros((len(self.experts), b), dtype=bool)
+        self.pending = {a: np.zeros(b, np.float32) for a in self.possible_agents}
         self.usage = np.zeros(N_EXPERTS)
         return self._route(), {}
 
     def step(self, action_dict):
-        """Step A takes the routers' choices; step B the experts' actions, then samples (one
+        """Step A takes the router's choices; step B the experts' actions, then samples (one
         expert: step B only)."""
         rewards = {aid: 0.0 for aid in action_dict}
         running = {"__all__": False}
-        if self.chosen is None:  # step A: the routers chose; the chosen experts observe next
-            choices = [int(action_dict[f"router_{i}"]) for i in self.rows]
-            self.chosen = routed_experts(self.obs, choices, self.experts, self.base).tolist()
+        if self.chosen is None:  # step A: the router chose; the experts observe next
+            choices = np.asarray(action_dict[ROUTER_AGENT]).reshape(-1)[self.rows]
+            self.chosen = routed_experts(self.obs, choices, self.experts, self.base)
             return self._experts_observe(), rewards, running, running, {}
-        turn = list(zip(self.rows, self.chosen, strict=True))  # step B: the experts acted
-        actions = np.stack([action_dict[f"expert{k}_{i}"] for i, k in turn])
+        actions = np.zeros((len(self.rows), 2), np.float32)  # step B: the experts acted
+        for j, k in enumerate(self.experts):
+            mine = (self.chosen == k).numpy()
+            actions[mine] = np.asarray(action_dict[expert_agent(k)])[self.rows[mine]]
+            self.acted[j, self.rows[mine]] = True
         applied = self.batch.advance(
             decision_from_actions(self.obs, self.chosen, actions, self.base)
         )
         self.usage += np.bincount(applied.expert.numpy(), minlength=N_EXPERTS)
-        for i, k in turn:
-            self.acted[i].add(k)
-        terminateds = {"__all__": self.batch.done}
-        finished = self.obs.index[applied.sigma_next == 0].tolist()
-        r = self._rewards() if finished else None
-        for i in finished:  # the sample's router and every expert that acted on it share r
-            router = [f"router_{i}"] if self.routed else []
-            for aid in [*router, *(f"expert{e}_{i}" for e in sorted(self.acted[i]))]:
-                rewards[aid], terminateds[aid] = float(r[i]), True
-        if self.batch.done:
-            self._summarise(r)
-            return {}, rewards, terminateds, running, {}
-        return self._route(), rewards, terminateds, running, {}
+        finished = self.rows[(applied.sigma_next == 0).numpy()]
+        if len(finished):  # the sample's router row and every expert that acted on it get r
+            r = self._rewards().numpy().astype(np.float32)
+            if self.routed:
+                self.pending[ROUTER_AGENT][finished] += r[finished]
+            for j, agent in enumerate(self.expert_agents):
+                mine = finished[self.acted[j, finished]]
+                self.pending[agent][mine] += r[mine]
+                rewards[agent] = float(r[mine].sum()) / self.batch_size
+            if self.routed:
+                rewards[ROUTER_AGENT] = float(r[finished].sum()) / self.batch_size
+        if self.batch.done:  # every agent sees its last rewards in a final observation
+            self._summarise(self._rewards())
+            done = {a: True for a in self.possible_agents}
+            nothing = np.zeros((0, OBS_DIM), np.float32)
+            final = self._observe(self.possible_agents, np.zeros(0, np.int64), nothing)
+            return final, rewards, {**done, "__all__": True}, running, {}
+        return self._route(), rewards, running, running, {}
 
     def _route(self) -> dict:
-        """Evaluates the denoiser for every unfinished sample; the routers observe (one expert:
-        its agents observe at once)."""
+        """Evaluates the denoiser for every unfinished sample; the router observes (one expert:
+        that expert observes at once)."""
         self.obs, self.chosen = self.batch.observe(), None
-        self.rows = self.obs.index.tolist()
+        self.rows = self.obs.index.numpy()
         cost = self.cost[self.obs.index]
         self.vec = observation_vector(self.obs, self.base.sigma_next(self.obs), cost)
         if not self.routed:
-            self.chosen = [self.experts[0]] * len(self.rows)
+            self.chosen = torch.full((len(self.rows),), self.experts[0], dtype=torch.long)
             return self._experts_observe()
-        return {f"router_{i}": o for i, o in zip(self.rows, self.vec, strict=True)}
+        return self._observe([ROUTER_AGENT], self.rows, self.vec, {ROUTER_AGENT: self.rows})
 
     def _experts_observe(self) -> dict:
-        turn = zip(self.rows, self.chosen, self.vec, strict=True)
-        return {f"expert{k}_{i}": o for i, k, o in turn}
+        acting = {
+            agent: self.rows[(self.chosen == k).numpy()]
+            for k, agent in zip(self.experts, self.expert_agents, strict=True)
+        }
+        return self._observe(self.expert_agents, self.rows, self.vec, acting)
+
+    def _observe(self, agents, rows, features: np.ndarray, acting: dict | None = None) -> dict:
+        """Each agent's ``[B, ROW_WIDTH]`` observation: ``features`` on ``rows``, whether it acts
+        on each row (``acting[agent]``: row indices), and its pending rewards (then cleared)."""
+        out = {}
+        for agent in agents:
+            mine = acting.get(agent, rows[:0]) if acting else rows[:0]
+            out[agent] = row_observation(self.batch_size, rows, features, mine, self.pending[agent])
+            self.pending[agent] = np.zeros(self.batch_size, np.float32)
+        return out
 
     def _base(self, guidance: list[float]) -> torch.Tensor:
         """Base RMSE per sample: cached per (seed, guidance, budget), the misses run as one batch."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rldiff.rl.export import MODULES_IN_CHECKPOINT, export_policy
@@ -24,20 +23,14 @@ def untrained_policy(
     ``base_schedules`` (``{budget: sigmas}``) is the base schedule; None means the logSNR split,
     which serves any budget.
     """
-    import gymnasium as gym
-
     from rldiff.config import TrainConfig
-    from rldiff.core.routing import N_EXPERTS, OBS_DIM
-    from rldiff.rl.algo import ROUTER, build_config, module_ids
+    from rldiff.core.routing import N_EXPERTS
+    from rldiff.rl.algo import build_config, module_ids, module_spaces
 
     torch.manual_seed(seed)
     cfg = TrainConfig(model=model, budgets=tuple(budgets), base_schedules=base_schedules)
-    obs_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-    expert_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     ids = module_ids()
-    spaces = {
-        m: (obs_space, gym.spaces.Discrete(N_EXPERTS) if m == ROUTER else expert_space) for m in ids
-    }
+    spaces = {m: module_spaces(m, N_EXPERTS) for m in ids}
     multi = build_config(cfg).get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp)

@@ -49,6 +49,38 @@ logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH_WAIT_S = 0.005  # how long a sampler run waits for more requests to merge
 SAMPLER_CPUS = 1  # CPUs per Sampler replica (its GPUs: ``resolve_sampler_gpus``)
 SAMPLER_FAILED = {"status": 500, "error": "internal error", "details": []}  # logged, not echoed
+INGRESS_CPUS = 0.5  # CPUs per Ingress replica
+# Ray Serve settings of the replicas' own processes (``runtime_env`` env vars, merged with the
+# application's): user code on the replica's event loop and the handle's router on the same loop,
+# not one thread and loop each, which costs two thread hand-overs per call. Measured on 2 cores
+# (docs/serving.md, Benchmark): 103 -> 113 requests/s through proxy -> ingress -> inner (echo).
+REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+# Settings of the Ray cluster itself, read by Serve's HTTP proxy: they must be in the environment
+# of the process that starts Ray (``rldiff serve`` and ``jobs/bench_serve.py`` set them, see
+# ``cluster_env``; for ``ray start`` export them first). The proxy hands requests to the ingress
+# over gRPC instead of Ray actor calls (echo app on 2 cores, with the two above: 126 -> 184).
+CLUSTER_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
+def cluster_env() -> dict[str, str]:
+    """Sets ``CLUSTER_ENV`` in this process's environment where it is not set yet (call it before
+    Ray starts here); returns what is in effect."""
+    import os
+
+    for name, value in CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in CLUSTER_ENV}
+
+
+def _actor_options(cpus: float, gpus: float = 0) -> dict:
+    """A replica's ``ray_actor_options``: CPUs, GPUs where asked, and ``REPLICA_ENV``."""
+    options: dict = {"num_cpus": cpus, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+    if gpus:
+        options["num_gpus"] = gpus
+    return options
 
 
 class AppArgs(BaseModel):
@@ -418,7 +450,9 @@ def openapi_schema(limits: Limits, num_classes: int | None, key_required: bool) 
     return schema
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=INGRESS_ONGOING)
+@serve.deployment(
+    ray_actor_options={"num_cpus": INGRESS_CPUS}, max_ongoing_requests=INGRESS_ONGOING
+)
 @serve.ingress(app)
 class Ingress:
     """HTTP: auth, header and body limits, validation, errors as JSON; the work goes to
@@ -430,7 +464,9 @@ class Ingress:
         from rldiff.serving.auth import ApiKey
         from rldiff.serving.metrics import IngressMetrics
 
-        self.sampler = sampler
+        # by value: the call and its answer travel over the replicas' gRPC channel, not as Ray
+        # task and object (echo app on 2 cores, proxy -> ingress -> inner: 113 -> 126 requests/s)
+        self.sampler = sampler.options(_by_reference=False)
         self.limits = Limits(**limits)
         self.num_classes = num_classes
         self.key = ApiKey.load(key["env"], key["file"], key["required"])
@@ -586,7 +622,7 @@ def build_app(args) -> serve.Application:
     # Set here, not in the config file: a deployment's ray_actor_options in a Serve config file
     # replace these as a whole (num_gpus included).
     gpus, why, warning = resolve_sampler_gpus(args.sampler_gpus, args.device)
-    actor_options = {"num_cpus": SAMPLER_CPUS, **({"num_gpus": gpus} if gpus else {})}
+    actor_options = _actor_options(SAMPLER_CPUS, gpus)
     logger.info(f"Sampler replicas: {SAMPLER_CPUS} CPU and {gpus:g} GPU each ({why})")
     if warning:
         logger.warning(f"Sampler replicas: {warning}")
@@ -603,6 +639,6 @@ def build_app(args) -> serve.Application:
         args.allow_tf32,
         args.allow_degraded,
     )
-    return Ingress.options(logging_config=logging_config).bind(
-        sampler, limits.as_dict(), key, num_classes
-    )
+    return Ingress.options(
+        ray_actor_options=_actor_options(INGRESS_CPUS), logging_config=logging_config
+    ).bind(sampler, limits.as_dict(), key, num_classes)

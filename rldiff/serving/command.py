@@ -56,13 +56,14 @@ def check_inputs(app_args) -> str:
 
 def run(args) -> int:
     """Serves until interrupted; returns the exit status."""
-    from rldiff.serving.app import AppArgs, build_app
+    from rldiff.serving.app import AppArgs, build_app, cluster_env
 
     server, app_args = from_flags(ServeRun, args), from_flags(AppArgs, args)
     serving = check_inputs(app_args)  # before Ray: a bad input fails here, in one line
     if server.host == LOOPBACK:  # every Ray socket on loopback too (before Ray starts)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cluster_env()  # Serve's proxy settings, for the Ray started here
     app = build_app(app_args)
     import ray
     from ray import serve
