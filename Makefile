@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/main
 
-.PHONY: demo test test-slow lint lock clean
+.PHONY: demo test test-slow lint lock browser clean
 
 # Every package is pinned by requirements.lock (a constraints file: it fixes versions, installs
 # nothing by itself), so each machine gets the same set; re-run when either file changes.
@@ -44,8 +44,19 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider; \
+# Debian's chromium and its driver for the playground's browser test (tests/test_playground.py),
+# where missing: installed with apt-get when run as root; elsewhere that test is skipped and says
+# why (CI sets RLDIFF_REQUIRE_BROWSER=1: there it fails instead).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null || echo "apt-get could not install chromium" >&2; \
+	else echo "no chromium or chromedriver, and no root apt-get to install them" >&2; fi
+
+test: lint browser
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider; \
 	  status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-slow: $(BIN)/.installed

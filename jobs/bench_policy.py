@@ -41,16 +41,13 @@ def random_learned_policy(seed: int = 0):
     """A ``LearnedPolicy`` over freshly initialised modules built from ``build_config``'s spec."""
     from rldiff.baselines.learned import LearnedPolicy
     from rldiff.config import TrainConfig
-    from rldiff.core.routing import N_EXPERTS
     from rldiff.core.solvers import EXPERT_NAMES
-    from rldiff.rl.algo import ROUTER, build_config, module_ids, module_spaces
+    from rldiff.rl.algo import ROUTER, fresh_modules
     from rldiff.rl.export import policy_net_from_module
 
     torch.manual_seed(seed)
-    ids = module_ids()
-    spaces = {m: module_spaces(m, N_EXPERTS) for m in ids}
-    config = build_config(TrainConfig())
-    multi = config.get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
+    multi = fresh_modules(TrainConfig())
+    ids = list(multi.keys())
     nets = {m: policy_net_from_module(multi[m]) for m in ids}
     experts = [m for m in ids if m != ROUTER]
     spec = {

@@ -263,7 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="iterations run first, not timed")
     parser.add_argument("--train-batch-size", type=int, default=defaults.train_batch_size)
     parser.add_argument(
-        "--minibatch-size", type=int, default=defaults.minibatch_size, help="rows per SGD step"
+        "--minibatch-size",
+        type=int,
+        default=defaults.minibatch_size,
+        help="rows per SGD step (default: TrainConfig's, which scales with --batch)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--cache", default=defaults.cache)
@@ -323,7 +326,7 @@ def main(argv=None) -> dict:
 
     cfg = train_config(args)
     name = f"{args.model} b{args.batch} {args.denoiser} tb{args.train_batch_size}"
-    name += f" mb{args.minibatch_size} {args.device}"
+    name += f" mb{cfg.minibatch_rows()} {args.device}"
     print(f"rldiff from {Path(rldiff.__file__).parent}; {name}; torch threads 1", flush=True)
     if args.model == "embedded":  # the shipped reference bank, if this checkout ships one
         try:

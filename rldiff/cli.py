@@ -24,9 +24,11 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from rldiff.evaluation import protocol as evaluate
+    from rldiff.evaluation import transfer
 
     cfg = evaluate.config_from_args(args)
-    evaluate.run_evaluation(cfg)
+    extra = transfer.policy_specs(cfg) if cfg.policy else []  # refused before any work
+    evaluate.run_evaluation(cfg, extra_specs=extra)
     print(f"report: {cfg.out / 'report.md'}")
     return 0
 

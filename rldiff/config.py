@@ -32,6 +32,7 @@ N_TRAIN = 128  # training / optimisation seeds 0 .. N_TRAIN - 1 (held-out seeds 
 REFERENCE_STEPS = 200  # steps of a reference solve (checked against twice as many)
 GLOBAL_SOLVERS = ("euler", "dpmpp-2m", "unipc", "heun", "ipndm")  # deterministic: RMSE is fair
 HELD_OUT = 512  # held-out samples of an evaluation
+MINIBATCH_ROWS_PER_SAMPLE = 8  # default SGD minibatch: this many rows per sample of a batch
 GUIDANCE_MIX = (1.0, 2.0, 4.0, 7.5)  # the condition mix (equal weight): the best solver changes
 LOOPBACK = "127.0.0.1"  # every server listens here unless told otherwise
 
@@ -342,6 +343,11 @@ class EvaluateConfig:
         "classifier (config.json + model.safetensors); 'auto': the shipped classifier for the "
         "embedded and gmm models, none for other models; 'none': no distribution metrics",
     )
+    policy: str | None = setting(
+        None,
+        "an exported policy directory scored beside the baselines; trained on another model of "
+        "the same sample shape and classes, this measures a transfer",
+    )
 
 
 @dataclass
@@ -426,10 +432,16 @@ class TrainConfig:
     train_batch_size: int = setting(
         256, "env steps per iteration (a router or an expert turn of the batch)", parse=positive
     )
-    minibatch_size: int = setting(
-        256, "rows of each module per SGD minibatch (<= --train-batch-size)", parse=positive
+    minibatch_size: int | None = setting(
+        None,
+        f"rows (sample-steps) of each module per SGD minibatch; default "
+        f"{MINIBATCH_ROWS_PER_SAMPLE} x --batch-size, so an iteration takes as many SGD steps at "
+        "any batch",
+        parse=positive,
     )
-    num_epochs: int = setting(4, "SGD passes over each train batch", parse=positive)
+    num_epochs: int = setting(
+        4, "SGD passes of each module over its rows of a train batch", parse=positive
+    )
     env_runners: int = setting(
         1, "remote env runners (0: sample in the driver)", parse=non_negative
     )
@@ -438,6 +450,22 @@ class TrainConfig:
         10, "iterations between checkpoints (and one at the end)", parse=positive
     )
     seed: int = setting(0, "seeds RLlib, the modules and the env's draws", parse=int)
+    conditions_from: str | None = setting(
+        None,
+        "a traffic log directory (rldiff serve --traffic-log): each sample's guidance, budget "
+        "and class are drawn from the logged requests instead of --guidance x --budgets",
+    )
+    init_policy: str | None = setting(
+        None,
+        "an exported policy directory the modules start from (fine-tuning); its experts, "
+        "hidden sizes, base schedules, budgets, guidance and cost per NFE are kept",
+    )
+    conditions: list[list] | None = setting(
+        None,
+        "[[guidance, budget, label, weight], ...] drawn jointly per sample (label -1: "
+        "unconditional); filled from --conditions-from; None: --guidance x --budgets",
+        cli=False,
+    )
     env_overrides: dict = setting(
         factory=dict, help="any other env_config key (e.g. device)", cli=False
     )
@@ -451,6 +479,10 @@ class TrainConfig:
         if isinstance(self.cost_per_nfe, tuple | list):
             out["cost_per_nfe"] = list(self.cost_per_nfe)
         return {**out, **self.env_overrides}
+
+    def minibatch_rows(self) -> int:
+        """Rows of each module per SGD minibatch (``minibatch_size`` or its default)."""
+        return self.minibatch_size or MINIBATCH_ROWS_PER_SAMPLE * self.batch_size
 
     def __post_init__(self):
         if isinstance(self.cost_per_nfe, tuple | list) and len(self.cost_per_nfe) == 1:
@@ -473,6 +505,7 @@ ENV_KEYS = (
     "reference_steps",
     "cache",
     "seed",
+    "conditions",
 )
 
 

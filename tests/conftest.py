@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dataclasses  # noqa: E402
 import struct  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -123,3 +124,29 @@ def _tiny_unet(num_class_embeds=None, seed=0):
 def tiny_unet():
     """``tiny_unet(num_class_embeds=None, seed=0)``: see ``_tiny_unet``."""
     return _tiny_unet
+
+
+ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # git-ignored
+_WRITTEN = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def artefact(pytestconfig):
+    """``artefact(name)``: a path in ``test-artifacts/`` for a file a test leaves to be looked at
+    (a screenshot); the run's summary lists every one that was written, even under ``-q``."""
+    written = pytestconfig.stash.setdefault(_WRITTEN, [])
+
+    def path(name: str) -> Path:
+        ARTEFACTS.mkdir(exist_ok=True)
+        written.append(ARTEFACTS / name)
+        return ARTEFACTS / name
+
+    return path
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    written = [p for p in dict.fromkeys(config.stash.get(_WRITTEN, [])) if p.is_file()]
+    if written:
+        terminalreporter.write_sep("-", "test artefacts")
+        for p in written:
+            terminalreporter.write_line(str(p))

@@ -139,3 +139,28 @@ def expected_rows(episodes, module_id, module, algo_config, cfg) -> dict:
         "adv": adv[order],
         "targets": pick(targets),
     }
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_module_passes_over_its_own_rows_num_epochs_times(shuffle):
+    """``ModuleEpochs``: every row of every module is trained on exactly ``num_epochs`` times, in
+    minibatches of at most ``minibatch_size`` rows; a small module is not cycled to the size of
+    the largest (RLlib's cyclic iterator would give it several times the passes)."""
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    from rldiff.rl.learner import ModuleEpochs
+
+    sizes = {"router": 1000, "expert_0": 730, "expert_3": 90, "expert_5": 1}
+    batch = MultiAgentBatch(
+        {m: SampleBatch({"row": np.arange(n)}) for m, n in sizes.items()}, env_steps=50
+    )
+    seen = {m: np.zeros(n, int) for m, n in sizes.items()}
+    minibatches = list(ModuleEpochs(batch, num_epochs=3, minibatch_size=256, shuffle=shuffle))
+    assert len(minibatches) == 3 * 4  # the router: ceil(1000 / 256) = 4 minibatches per pass
+    for minibatch in minibatches:
+        for m, rows in minibatch.policy_batches.items():
+            assert 0 < len(rows) <= 256
+            np.add.at(seen[m], rows["row"], 1)
+    for m in sizes:
+        assert (seen[m] == 3).all(), m
+    assert sum("expert_5" in mb.policy_batches for mb in minibatches) == 3

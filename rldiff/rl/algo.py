@@ -23,6 +23,10 @@ Collapse guard, two parts:
 
 Expert usage and router entropy are logged every episode to watch for collapse anyway.
 
+Fine-tuning (``init_policy``: an exported policy directory) replaces the warm start: every copy of
+each module loads that policy's actor weights when it is built (``INITIAL_WEIGHTS``); the value
+function starts fresh (an export has none).
+
 ``TrainConfig.experts`` picks the experts in play: modules ``expert_<global index>`` for those
 only, and ``router`` only when there is more than one (one expert is the single-agent ``ppo-single``
 ablation: step size only, one solver). Router action ``j`` is ``experts[j]``.
@@ -30,7 +34,9 @@ ablation: step size only, one solver). Router action ``j`` is ``experts[j]``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -44,10 +50,11 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rldiff.config import TrainConfig
+from rldiff.core.policy_net import file_sha256
 from rldiff.core.routing import N_EXPERTS, OBS_DIM, experts_in_use
 from rldiff.core.solvers import EXPERT_NAMES, expert_index
 from rldiff.rl.env import ROUTER_AGENT, RoutingEnv
-from rldiff.rl.learner import RowPPOLearner
+from rldiff.rl.learner import MINIBATCH_ROWS, RowPPOLearner
 from rldiff.rl.rows import ACTS
 
 ROUTER = "router"
@@ -76,6 +83,16 @@ def module_spaces(module_id: str, n_experts: int) -> tuple[gym.Space, gym.Space]
     if module_id == ROUTER:
         return obs, gym.spaces.Discrete(n_experts)
     return obs, gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+
+def fresh_modules(cfg: TrainConfig):
+    """The inference modules of ``build_config(cfg)``, freshly initialised, built without an env
+    (a ``MultiRLModule``: one module per router / expert in play)."""
+    experts = cfg.env_config()["experts"]
+    n_experts = len(experts_in_use(experts))
+    spaces = {m: module_spaces(m, n_experts) for m in module_ids(experts)}
+    spec = build_config(cfg).get_multi_rl_module_spec(spaces=spaces, inference_only=True)
+    return spec.build()
 
 
 def build_config(cfg: TrainConfig) -> PPOConfig:
@@ -119,7 +136,11 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
             # advantages (``RowPPOLearner``) need no bootstrap values.
             batch_mode="complete_episodes",
         )
-        .learners(learner_class=RowPPOLearner, **learner_resources(cfg.env_runners))
+        .learners(
+            learner_class=RowPPOLearner,
+            learner_config_dict={MINIBATCH_ROWS: cfg.minibatch_rows()},
+            **learner_resources(cfg.env_runners),
+        )
         # A lost env runner (its node gone) is restarted elsewhere; the iteration goes on with
         # the others meanwhile, so training survives losing a worker node.
         .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
@@ -130,7 +151,9 @@ def build_config(cfg: TrainConfig) -> PPOConfig:
             gamma=cfg.gamma,
             lambda_=cfg.lambda_,
             train_batch_size_per_learner=cfg.train_batch_size,
-            minibatch_size=cfg.minibatch_size,
+            # RLlib checks its minibatch against the train batch in env steps, and one env step
+            # here is a whole batch of rows: the learner splits by MINIBATCH_ROWS instead.
+            minibatch_size=min(cfg.minibatch_rows(), cfg.train_batch_size),
             num_epochs=cfg.num_epochs,
         )
         .callbacks(RoutingMetrics)
@@ -177,11 +200,15 @@ def router_warm_start_probs(cfg: TrainConfig) -> np.ndarray | None:
 # WarmStartPPOModule's own model_config keys (filled in by initial_outputs).
 INITIAL_PROBS = "initial_probs"  # the router's initial action probabilities
 INITIAL_STD = "initial_std"  # an expert's initial Gaussian std
+INITIAL_WEIGHTS = "initial_weights"  # {"path", "sha256"}: an exported network's actor weights
 
 
 def initial_outputs(cfg: TrainConfig, module_id: str) -> dict:
     """``module_id``'s ``WarmStartPPOModule`` keys for its ``model_config``: the router's
-    ``router_warm_start_probs``, an expert's ``expert_init_std``; none when turned off."""
+    ``router_warm_start_probs``, an expert's ``expert_init_std``; none when turned off. With
+    ``init_policy``: that policy's weights of ``module_id`` instead."""
+    if cfg.init_policy:
+        return {INITIAL_WEIGHTS: exported_weights(cfg.init_policy, module_id)}
     if module_id == ROUTER:
         probs = router_warm_start_probs(cfg)
         return {} if probs is None else {INITIAL_PROBS: probs.tolist()}
@@ -193,8 +220,20 @@ def initial_outputs(cfg: TrainConfig, module_id: str) -> dict:
     return {INITIAL_STD: float(std)}
 
 
+def exported_weights(policy_dir, module_id: str) -> dict:
+    """Where an exported policy keeps ``module_id``'s weights: ``{"path", "sha256"}``."""
+    policy_dir = Path(policy_dir).resolve()  # env runners may start in another directory
+    modules = json.loads((policy_dir / "policy.json").read_text()).get("modules", {})
+    if module_id not in modules:
+        raise ValueError(f"policy {policy_dir} has no module {module_id} (it has {list(modules)})")
+    entry = modules[module_id]
+    return {"path": str(policy_dir / entry["weights"]), "sha256": entry["sha256"]}
+
+
 def warm_start_note(cfg: TrainConfig) -> str | None:
     """The line a fresh training run prints about its router's start (None: nothing to say)."""
+    if cfg.init_policy:
+        return f"modules start from the policy {cfg.init_policy} (value functions fresh)"
     experts = experts_in_use(cfg.env_config()["experts"])
     probs = router_warm_start_probs(cfg)
     if probs is not None and isinstance(cfg.base_schedules, list):
@@ -240,6 +279,8 @@ class WarmStartPPOModule(DefaultPPOTorchRLModule):
         super().setup()
         config = self.model_config if isinstance(self.model_config, dict) else {}
         probs, std = config.get(INITIAL_PROBS), config.get(INITIAL_STD)
+        if (weights := config.get(INITIAL_WEIGHTS)) is not None:
+            load_actor_weights(self, weights["path"], weights["sha256"])
         if probs is None and std is None:
             return
         layer = policy_output_layer(self)
@@ -253,6 +294,45 @@ class WarmStartPPOModule(DefaultPPOTorchRLModule):
                 half = layer.out_features // 2
                 layer.weight[half:].zero_()
                 layer.bias[half:].fill_(float(np.log(std)))
+
+
+def load_actor_weights(module, path, sha256: str | None = None) -> None:
+    """Sets the actor path (encoder, then ``pi``) of a default PPO torch module to the weights of
+    an exported ``PolicyNet`` (``path``: its safetensors, checked against ``sha256``; the
+    inverse of ``rldiff.rl.export.policy_net_from_module``); the value function is left as it
+    is. The layer shapes must match."""
+    from safetensors.torch import load_file
+
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"{path} is not the weights file its policy.json describes (sha256)")
+    state = load_file(str(path))
+    sources = [
+        (state[f"{part}.{i}.weight"], state[f"{part}.{i}.bias"])
+        for part in ("encoder", "pi")
+        for i in sorted({int(k.split(".")[1]) for k in state if k.startswith(part + ".")})
+    ]
+    targets = actor_layers(module)
+    if len(sources) != len(targets):
+        raise ValueError(f"{path} has {len(sources)} layers, the module {len(targets)}")
+    with torch.no_grad():
+        for layer, (weight, bias) in zip(targets, sources, strict=True):
+            if layer.weight.shape != weight.shape:
+                raise ValueError(
+                    f"{path}: a layer of shape {tuple(weight.shape)} where the module has "
+                    f"{tuple(layer.weight.shape)} (other hidden sizes or experts)"
+                )
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+
+
+def actor_layers(module) -> list[torch.nn.Linear]:
+    """The linear layers of a default PPO module's actor path, in order: its encoder's (the
+    actor's own, or the one it shares), then ``pi``'s."""
+    encoder = getattr(module.encoder, "actor_encoder", None)
+    encoder = module.encoder.encoder if encoder is None else encoder
+    return [
+        m for part in (encoder, module.pi) for m in part.modules() if isinstance(m, torch.nn.Linear)
+    ]
 
 
 def features_only(batch: dict) -> dict:

@@ -23,6 +23,12 @@ What the actions mean, the features and the reward are ``rldiff.core.routing``'s
 among them (router action ``j`` -> global expert ``experts[j]``, ``routed_experts``; expert agent
 ids keep the global index); with ONE there is no router at all (the ``ppo-single`` ablation: step
 size only, one solver) and every env step is one sampler step in which that expert acts.
+
+``conditions`` (env_config, from ``rldiff train --conditions-from``: logged traffic) replaces the
+independent draws of guidance and budget: each sample draws a ``[guidance, budget, label,
+weight]`` entry by weight, then a training seed of that class (labels are the seeds' own,
+``seed % num_classes``); label -1 (an unconditional request) takes any training seed and samples
+it unconditionally, against a reference bank of unconditional solves (``unconditional_bank``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from rldiff.core.seeds import initial_noise
 from rldiff.core.solvers import EXPERT_NAMES
 from rldiff.data.models import load_model, visible_device
 from rldiff.data.reference import seed_bank
+from rldiff.data.traffic import unconditional_bank
 from rldiff.rl.rows import ROW_WIDTH, row_observation
 
 
@@ -61,12 +68,28 @@ def env_defaults() -> dict:
 
 
 def training_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
-    """Reference x0 [n_train, ...] of the training seeds per guidance scale, cached on disk."""
+    """Reference x0 [n_train, ...] of the training seeds per guidance scale (those of
+    ``conditions`` where given), cached on disk."""
     seeds, steps = list(range(config["n_train"])), config["reference_steps"]
+    conditions = config.get("conditions")
+    scales = sorted({float(c[0]) for c in conditions}) if conditions else config["guidance"]
     return {
         g: seed_bank(config["cache"], denoiser, "train", seeds, g, steps, progress=False).x0
-        for g in map(float, config["guidance"])
+        for g in map(float, scales)
     }
+
+
+def unconditional_references(denoiser, config: dict) -> dict[float, torch.Tensor]:
+    """Reference x0 [n_train, ...] of the training seeds sampled unconditionally, per guidance
+    scale at which ``conditions`` asks for label -1 (none for a model without classes: its
+    ``training_references`` are unconditional already)."""
+    conditions = config.get("conditions") or []
+    scales = sorted({float(g) for g, _, label, _ in conditions if label < 0})
+    if denoiser.num_classes <= 0:
+        return {}
+    seeds, steps = list(range(config["n_train"])), config["reference_steps"]
+    cache = config["cache"]
+    return {g: unconditional_bank(cache, denoiser, "train", seeds, g, steps).x0 for g in scales}
 
 
 ROUTER_AGENT = "router"
@@ -92,11 +115,12 @@ class RoutingEnv(MultiAgentEnv):
         self.denoiser = load_model(cfg["model"], cfg["device"] or visible_device())
         self.device = getattr(self.denoiser, "device", torch.device("cpu"))  # the GMM: cpu
         self.references = training_references(self.denoiser, cfg)
+        self.unconditional = unconditional_references(self.denoiser, cfg)
         self.base = BaseSchedule.make(cfg["base_schedules"], cfg["step_range"])
         self.base_policy = BaseSchedulePolicy(cfg["base_expert"], self.base)
         self.experts = experts_in_use(cfg["experts"])  # router action j -> expert experts[j]
         self.routed = len(self.experts) > 1  # one expert: no router agent
-        self._base_rmse: dict[tuple, float] = {}  # (seed, guidance, budget) -> base RMSE
+        self._base_rmse: dict[tuple, float] = {}  # (seed, label, guidance, budget) -> RMSE
         runner = [getattr(env_config, a, 0) for a in ("worker_index", "vector_index")]
         self._rng = np.random.default_rng([int(cfg["seed"]), *runner])
         n = self.batch_size
@@ -117,15 +141,19 @@ class RoutingEnv(MultiAgentEnv):
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         cfg, b, rng = self.config, self.batch_size, self._rng
-        self.seeds = rng.choice(cfg["n_train"], b, replace=cfg["n_train"] < b).tolist()
-        guidance = rng.choice(np.asarray(cfg["guidance"], dtype=np.float64), b).tolist()
-        self.budget = torch.as_tensor(rng.choice(cfg["budgets"], b), dtype=torch.long)
+        if cfg.get("conditions"):
+            self.seeds, guidance, budget, labels = self._draw_conditions()
+        else:
+            self.seeds = rng.choice(cfg["n_train"], b, replace=cfg["n_train"] < b).tolist()
+            guidance = rng.choice(np.asarray(cfg["guidance"], dtype=np.float64), b).tolist()
+            budget = rng.choice(cfg["budgets"], b)
+            labels = labels_for_seeds(self.seeds, self.denoiser.num_classes)
+        self.budget = torch.as_tensor(budget, dtype=torch.long)
         self.cost = torch.as_tensor(rng.choice(np.atleast_1d(cfg["cost_per_nfe"]), b)).double()
-        self.cond = Condition.make(
-            labels_for_seeds(self.seeds, self.denoiser.num_classes), guidance
-        )
-        pairs = zip(self.seeds, guidance, strict=True)
-        self.reference = torch.stack([self.references[g][s] for s, g in pairs])
+        self.cond = Condition.make(labels, guidance)
+        banks = [self.unconditional if c < 0 else self.references for c in labels]
+        triples = zip(banks, self.seeds, guidance, strict=True)
+        self.reference = torch.stack([bank.get(g, self.references[g])[s] for bank, s, g in triples])
         self.noise = initial_noise(self.seeds, tuple(self.reference.shape[1:])).to(self.device)
         self.rmse_base = self._base(guidance)
         self.batch = Sampling(self.denoiser, self.noise, self.cond, self.budget, self.seeds)
@@ -201,9 +229,29 @@ class RoutingEnv(MultiAgentEnv):
             self.pending[agent] = np.zeros(self.batch_size, np.float32)
         return out
 
+    def _draw_conditions(self) -> tuple[list[int], list[float], list[int], list[int]]:
+        """Seeds, guidance, budgets and labels of a batch drawn from ``conditions`` (see the
+        module docstring)."""
+        cfg, rng, classes = self.config, self._rng, self.denoiser.num_classes
+        table = np.asarray(cfg["conditions"], dtype=np.float64)
+        drawn = table[rng.choice(len(table), self.batch_size, p=table[:, 3] / table[:, 3].sum())]
+        seeds = []
+        for label in drawn[:, 2].astype(int):
+            pool = np.arange(cfg["n_train"])
+            if label >= 0 and classes > 0:
+                pool = pool[pool % classes == label]
+            if not len(pool):
+                raise ValueError(f"no training seed of class {label} in 0..{cfg['n_train'] - 1}")
+            seeds.append(int(rng.choice(pool)))
+        own = labels_for_seeds(seeds, classes)  # label -1 keeps -1: unconditional
+        labels = [c if c < 0 else o for c, o in zip(drawn[:, 2].astype(int), own, strict=True)]
+        return seeds, drawn[:, 0].tolist(), drawn[:, 1].astype(int).tolist(), labels
+
     def _base(self, guidance: list[float]) -> torch.Tensor:
-        """Base RMSE per sample: cached per (seed, guidance, budget), the misses run as one batch."""
-        keys = list(zip(self.seeds, guidance, self.budget.tolist(), strict=True))
+        """Base RMSE per sample: cached per (seed, label, guidance, budget), the misses run as one
+        batch."""
+        labels = self.cond.labels.tolist()
+        keys = list(zip(self.seeds, labels, guidance, self.budget.tolist(), strict=True))
         miss = [j for j, key in enumerate(keys) if key not in self._base_rmse]
         if miss:
             m, seeds = torch.tensor(miss), [self.seeds[j] for j in miss]

@@ -5,6 +5,9 @@
 ``DefaultModelConfig`` of ``rldiff.rl.algo.build_config``), checks that both give the same outputs
 bit for bit, and writes the directory ``rldiff.baselines.learned.LearnedPolicy`` loads without RLlib.
 
+The way back, for fine-tuning (``rldiff train --init-policy DIR``), is
+``rldiff.rl.algo.load_actor_weights``.
+
 Policy directories of format 1 (RLlib module checkpoints under ``modules/``) are converted in place
 by ``python -m rldiff.rl.export DIR [DIR ...]``.
 """
@@ -40,7 +43,6 @@ def export_policy(
     base schedule's ``{budget: sigmas}`` (None: the logSNR split), ``summary`` any training figures
     worth keeping beside the policy (final metrics, iteration, wall time).
     """
-    from rldiff.core.fingerprint import model_fingerprint
     from rldiff.data.models import load_model
     from rldiff.rl.algo import module_ids
 
@@ -67,10 +69,7 @@ def export_policy(
         # The trade-off observed at inference: the training cost, or the lowest one trained on.
         "cost_per_nfe": float(min(cost) if isinstance(cost, tuple | list) else cost),
         "budgets": sorted(int(b) for b in train_cfg.budgets),
-        "model": {
-            "spec": train_cfg.model,
-            "fingerprint": model_fingerprint(load_model(train_cfg.model)),
-        },
+        "model": model_entry(train_cfg.model, load_model(train_cfg.model)),
         "training": {
             "checkpoint": str(checkpoint_dir.resolve()),
             "config": json.loads(json.dumps(asdict(train_cfg), default=str)),
@@ -78,6 +77,22 @@ def export_policy(
         },
     }
     return write_policy(out_dir, nets, spec)
+
+
+def model_entry(spec: str, denoiser) -> dict:
+    """What a policy records of the model it was trained on: its spec and fingerprint, and what
+    a transfer to another model must match (sample shape, class count) or should know (the
+    noise range)."""
+    from rldiff.core.fingerprint import model_fingerprint
+
+    table = denoiser.noise_table
+    return {
+        "spec": spec,
+        "fingerprint": model_fingerprint(denoiser),
+        "sample_shape": list(getattr(denoiser, "sample_shape", ()) or ()),
+        "num_classes": int(denoiser.num_classes),
+        "sigma_range": [float(table.sigma_min), float(table.sigma_max)],
+    }
 
 
 def policy_net_from_module(module) -> PolicyNet:

@@ -8,6 +8,13 @@ a resumed run's with its checkpoint's weights; one progress line per iteration, 
 ``losses/<module>/*`` in ``progress.jsonl`` and TensorBoard, periodic checkpoints), resumes from
 the newest checkpoint when asked, exports the policy (``rldiff.rl.export``) and scores it
 with the evaluation protocol beside every baseline.
+
+Learning from traffic: ``conditions_from`` (a traffic log directory) makes the env draw each
+sample's condition from the logged requests (``traffic_config``), and ``init_policy`` starts the
+modules from an exported policy, keeping what its actions mean (``fine_tune_config``: its experts,
+sizes, base schedules, budgets, guidance and cost). The evaluation then also compares the new
+policy with the initial one and the table under the traffic's conditions on held-out seeds
+(``rldiff.evaluation.traffic``: ``evaluation/traffic.{md,json}`` and a section of ``report.md``).
 Output layout under ``out``::
 
     train_config.json  progress.jsonl  tensorboard/  checkpoints/iter_XXXX/  policy/
@@ -31,7 +38,7 @@ from rldiff.data.shipped_cache import seed_cache
 from rldiff.evaluation.protocol import chosen_schedules, seed_set
 from rldiff.evaluation.report import plot_schedules
 from rldiff.rl.algo import module_ids, warm_start_note
-from rldiff.rl.env import training_references
+from rldiff.rl.env import training_references, unconditional_references
 from rldiff.rl.export import export_policy
 from rldiff.rl.loop import (
     SECONDS,
@@ -43,6 +50,7 @@ from rldiff.rl.loop import (
 )
 
 LEARNED_NAME = "moe"  # the router + experts policy
+INITIAL_NAME = "initial"  # the policy a fine-tuning run started from (--init-policy)
 SINGLE_NAME = "ppo-single"  # the ablation: one expert, step size only
 
 
@@ -71,9 +79,13 @@ def run_training(
         print(f"nothing to resume in {out / 'checkpoints'}: starting at iteration 1")
     if checkpoint is not None:
         cfg = _resumed_config(cfg, out / "train_config.json")
-    ev = evaluation_config(cfg, out, eval_samples, eval_overrides)
     # Fails fast on a bad model spec, before Ray starts; prepares on the GPU where there is one.
     denoiser = load_model(cfg.model, visible_device())
+    cfg = traffic_config(fine_tune_config(cfg, denoiser), denoiser)
+    ev = evaluation_config(cfg, out, eval_samples, eval_overrides)
+    if ablations and cfg.init_policy:
+        print("no ppo-single ablation when fine-tuning (it has no initial policy)")
+        ablations = False
     started_ray = start_ray(dashboard)
     try:
         cfg = prepare_training(cfg, ev, denoiser)
@@ -88,8 +100,12 @@ def run_training(
             summary = summary or done  # the summary of the main run (moe)
             if name != LEARNED_NAME:
                 summary.setdefault("ablations", {})[name] = done
+        if cfg.init_policy:
+            policies[INITIAL_NAME] = cfg.init_policy
         if evaluate:
             summary["evaluation"] = evaluate_policies(ev, policies, denoiser)
+        if evaluate and cfg.conditions:
+            summary["traffic"] = evaluate_on_traffic(ev, cfg, policies, denoiser)
     finally:
         if started_ray:
             import ray
@@ -108,7 +124,58 @@ def prepare_training(cfg: TrainConfig, ev: EvaluateConfig, denoiser) -> TrainCon
     if cfg.base_schedules is None:
         cfg = dataclasses.replace(cfg, base_schedules=base_schedules(cfg, ev, denoiser))
     training_references(denoiser, cfg.env_config())
+    unconditional_references(denoiser, cfg.env_config())  # where the traffic has label -1
     return cfg
+
+
+def fine_tune_config(cfg: TrainConfig, denoiser) -> TrainConfig:
+    """``cfg`` fine-tuning ``cfg.init_policy`` (unchanged without one): the policy must load here
+    and have been trained on this model; its experts, hidden sizes, base schedules, budgets,
+    guidance and cost per NFE replace ``cfg``'s, so its actions keep their meaning."""
+    if not cfg.init_policy:
+        return cfg
+    from rldiff.core.fingerprint import model_fingerprint
+
+    directory = Path(cfg.init_policy).resolve()
+    LearnedPolicy.load(directory)  # format and observation layout, or a one-line error
+    spec = json.loads((directory / "policy.json").read_text())
+    trained_on = spec.get("model", {})
+    if trained_on.get("fingerprint") != model_fingerprint(denoiser):
+        raise ValueError(
+            f"policy {directory} was trained on another model ({trained_on.get('spec')}) than "
+            f"{cfg.model}: fine-tune it on its own model (rldiff evaluate --policy measures a "
+            "transfer)"
+        )
+    old = config_from_json(spec["training"]["config"])
+    keep = ("experts", "hidden", "base_expert", "step_range", "budgets", "guidance", "cost_per_nfe")
+    schedules = spec["base_schedule"]["schedules"]
+    if isinstance(schedules, dict):
+        schedules = {int(b): sigmas for b, sigmas in schedules.items()}
+    return dataclasses.replace(
+        cfg,
+        **{k: getattr(old, k) for k in keep},
+        base_schedules=schedules,
+        init_policy=str(directory),
+    )
+
+
+def traffic_config(cfg: TrainConfig, denoiser) -> TrainConfig:
+    """``cfg`` with ``conditions`` read from the traffic log ``cfg.conditions_from`` (unchanged
+    without one, or when they are set already: a resumed run keeps its own). The log must hold
+    requests of this model at budgets ``cfg`` trains and guidance within its range."""
+    if not cfg.conditions_from or cfg.conditions:
+        return cfg
+    from rldiff.data.traffic import traffic_conditions
+
+    found = traffic_conditions(
+        cfg.conditions_from,
+        cfg.model,
+        budgets=cfg.budgets,
+        guidance_range=(min(cfg.guidance), max(cfg.guidance)),
+        num_classes=denoiser.num_classes,
+    )
+    print(f"training conditions from {cfg.conditions_from}: {found.describe()}")
+    return dataclasses.replace(cfg, conditions=found.entries())
 
 
 def single_expert_config(cfg: TrainConfig) -> TrainConfig:
@@ -121,7 +188,6 @@ def single_expert_config(cfg: TrainConfig) -> TrainConfig:
         cfg,
         experts=(cfg.base_expert,),
         train_batch_size=half,
-        minibatch_size=min(cfg.minibatch_size, half),
     )
 
 
@@ -225,6 +291,23 @@ def evaluate_policies(ev: EvaluateConfig, policies: dict[str, str], denoiser) ->
     return [r for r in rows if r["family"] == "learned"]
 
 
+def evaluate_on_traffic(
+    ev: EvaluateConfig, cfg: TrainConfig, policies: dict[str, str], denoiser
+) -> dict:
+    """The new policy (``moe``), the initial one (``--init-policy``) and the conditional table
+    under the traffic's conditions on held-out seeds (``rldiff.evaluation.traffic``)."""
+    from rldiff.evaluation.traffic import NEW, OLD, TABLE, compare_on_traffic, write_traffic_report
+
+    specs = {NEW: PolicySpec(NEW, "learned", "router", 0, path=policies[LEARNED_NAME])}
+    if INITIAL_NAME in policies:
+        specs[OLD] = PolicySpec(OLD, "learned", "router", 0, path=policies[INITIAL_NAME])
+    if (ev.out / "table.json").exists():
+        specs[TABLE] = PolicySpec(TABLE, "table", "table", 0, path=str(ev.out / "table.json"))
+    result = compare_on_traffic(ev, denoiser, cfg.conditions, specs)
+    print(write_traffic_report(ev.out, result))
+    return {k: v for k, v in result.items() if k in ("rmse", "ratios")}
+
+
 def start_ray(dashboard: bool) -> bool:
     """Connects to ``RAY_ADDRESS`` when set, else starts a local Ray on 127.0.0.1 only; returns
     whether this call started (or connected) it, so the caller shuts it down again."""
@@ -250,7 +333,7 @@ def _resumed_config(cfg: TrainConfig, path: Path) -> TrainConfig:
     differ = [
         f.name
         for f in dataclasses.fields(cfg)
-        if f.name not in keep | {"base_schedules"}
+        if f.name not in keep | {"base_schedules", "conditions"}
         and getattr(cfg, f.name) != getattr(saved, f.name)
     ]
     if differ:

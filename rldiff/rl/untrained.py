@@ -24,17 +24,14 @@ def untrained_policy(
     which serves any budget.
     """
     from rldiff.config import TrainConfig
-    from rldiff.core.routing import N_EXPERTS
-    from rldiff.rl.algo import build_config, module_ids, module_spaces
+    from rldiff.rl.algo import fresh_modules
 
     torch.manual_seed(seed)
     cfg = TrainConfig(model=model, budgets=tuple(budgets), base_schedules=base_schedules)
-    ids = module_ids()
-    spaces = {m: module_spaces(m, N_EXPERTS) for m in ids}
-    multi = build_config(cfg).get_multi_rl_module_spec(spaces=spaces, inference_only=True).build()
+    multi = fresh_modules(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp)
-        for m in ids:
-            multi[m].save_to_path(checkpoint.joinpath(*MODULES_IN_CHECKPOINT, m))
+        for m, module in multi.items():
+            module.save_to_path(checkpoint.joinpath(*MODULES_IN_CHECKPOINT, m))
         summary = {"untrained": True, "iteration": 0}
         return export_policy(checkpoint, Path(out_dir), cfg, base_schedules, summary)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -44,6 +44,7 @@ from rldiff.serving.schemas import (
     check_generate,
     request_models,
 )
+from rldiff.serving.traffic_log import FLUSH_S, LOGGED_ROUTES
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_BATCH_WAIT_S = 0.005  # how long a sampler run waits for more requests to merge
@@ -146,6 +147,17 @@ class AppArgs(BaseModel):
     max_waiting_bodies: int = Field(
         Limits.max_waiting_bodies,
         description="requests waiting for their bodies at once, per ingress replica (then 503)",
+    )
+    traffic_log: str | None = Field(
+        None,
+        description="a directory for the traffic log: one Parquet row per served request "
+        "(seeds, condition, budget, policy, schedule, NFE, latency); none: no log",
+    )
+    traffic_log_max_mb: float = Field(
+        1024.0, gt=0, description="the traffic log's files together; the oldest are deleted"
+    )
+    traffic_log_flush_s: float = Field(
+        FLUSH_S, gt=0, description="seconds between traffic log writes (one file each)"
     )
 
     def limits(self) -> Limits:
@@ -418,6 +430,32 @@ def _header_bytes(request: Request) -> int:
     return sum(len(name) + len(value) for name, value in request.headers.raw)
 
 
+# The playground (rldiff/serving/playground): a page and its two assets, a fixed set of names.
+PLAYGROUND_ASSETS = {
+    "playground.js": "text/javascript; charset=utf-8",
+    "playground.css": "text/css; charset=utf-8",
+}
+# Everything the page loads comes from this service (images arrive as data: URLs in the answers),
+# so a browser refuses anything from elsewhere.
+PLAYGROUND_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _playground_file(name: str, media_type: str) -> Response:
+    """One of the playground's files, read from the installed package."""
+    from importlib.resources import files
+
+    body = files("rldiff.serving").joinpath("playground", name).read_bytes()
+    headers = {
+        "Content-Security-Policy": PLAYGROUND_CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+    return Response(body, media_type=media_type, headers=headers)
+
+
 def openapi_schema(limits: Limits, num_classes: int | None, key_required: bool) -> dict:
     """The published contract: every route, the request bodies with the configured limits (their
     ``$defs`` kept as components), the error answers, and the API key where one is required."""
@@ -460,9 +498,17 @@ class Ingress:
     most ``max_waiting_bodies`` wait at once (then 503), so slow clients cannot crowd out others;
     a request without a valid key is answered before its body is read."""
 
-    def __init__(self, sampler, limits: dict, key: dict, num_classes: int | None = None):
+    def __init__(
+        self,
+        sampler,
+        limits: dict,
+        key: dict,
+        num_classes: int | None = None,
+        traffic_log: dict | None = None,
+    ):
         from rldiff.serving.auth import ApiKey
-        from rldiff.serving.metrics import IngressMetrics
+        from rldiff.serving.metrics import IngressMetrics, TrafficLogMetrics
+        from rldiff.serving.traffic_log import TrafficLog
 
         # by value: the call and its answer travel over the replicas' gRPC channel, not as Ray
         # task and object (echo app on 2 cores, proxy -> ingress -> inner: 113 -> 126 requests/s)
@@ -473,6 +519,10 @@ class Ingress:
         self.metrics = IngressMetrics()
         self.waiting_bodies = 0
         self.schema = openapi_schema(self.limits, num_classes, self.key.enabled)
+        self.traffic_log = None  # TrafficLog(directory, max_bytes, flush_s), or no log
+        if traffic_log:
+            self.traffic_log = TrafficLog(**traffic_log, metrics=TrafficLogMetrics())
+            logger.info(f"traffic log: {traffic_log['directory']}")
         logger.info(f"API key required: {self.key.enabled}")
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
@@ -510,6 +560,22 @@ class Ingress:
 
         return get_swagger_ui_html(openapi_url="openapi.json", title="rldiff API")
 
+    # The playground holds no data: it needs no key, the API calls it makes carry one.
+    @app.get("/", include_in_schema=False)
+    async def home(self, request: Request):
+        return RedirectResponse(request.scope.get("root_path", "").rstrip("/") + "/playground")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground(self):
+        """Two policies compared on the same seeds: images, schedules, confidence, latency."""
+        return _playground_file("index.html", "text/html; charset=utf-8")
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    async def playground_asset(self, name: str):
+        if name not in PLAYGROUND_ASSETS:
+            raise HTTPException(404, "Not Found")
+        return _playground_file(name, PLAYGROUND_ASSETS[name])
+
     async def _generate(self, body) -> dict:
         job = check_generate(body, self.limits, self.num_classes)
         return await self._submit(job)
@@ -532,13 +598,21 @@ class Ingress:
     async def _health(self, body) -> dict:
         info = await self.sampler.describe.remote()
         swap = info.get("last_swap") or {}
+        log = self.traffic_log.state() if self.traffic_log is not None else None
+        failing = log is not None and log["state"] == "failing"
         return {
-            "status": "degraded" if info["degraded"] else "ok",
+            "status": "degraded" if info["degraded"] or failing else "ok",
             "degraded": info["degraded"],
             "serving": info["serving"],
             "policy": (info["learned"] or {}).get("directory"),
-            "reason": swap.get("error") if info["degraded"] else None,
+            "reason": swap.get("error") if info["degraded"] else log["error"] if failing else None,
+            "traffic_log": log,
         }
+
+    def __del__(self):
+        """Serve calls it when the replica stops: the traffic log writes what it holds."""
+        if getattr(self, "traffic_log", None) is not None:
+            self.traffic_log.close()
 
     async def _metrics(self, body) -> PlainTextResponse:
         from rldiff.serving.metrics import cluster_metrics
@@ -583,6 +657,8 @@ class Ingress:
                 for r in result["responses"]:
                     r["timings"]["total_ms"] = (time.perf_counter() - start) * 1e3
             status, content = 200, result
+            if self.traffic_log is not None and route in LOGGED_ROUTES:
+                self.traffic_log.log(route, result)  # queued; never raises, never waits
         except ClientGone:
             logger.info(f"{route}: the client disconnected before sending its whole body")
             self.metrics.record(route, CLIENT_GONE, time.perf_counter() - start)
@@ -641,4 +717,15 @@ def build_app(args) -> serve.Application:
     )
     return Ingress.options(
         ray_actor_options=_actor_options(INGRESS_CPUS), logging_config=logging_config
-    ).bind(sampler, limits.as_dict(), key, num_classes)
+    ).bind(sampler, limits.as_dict(), key, num_classes, _traffic_log(args))
+
+
+def _traffic_log(args: AppArgs) -> dict | None:
+    """``TrafficLog`` arguments for the ingress replicas, the directory made absolute."""
+    if not args.traffic_log:
+        return None
+    return {
+        "directory": str(Path(args.traffic_log).resolve()),
+        "max_bytes": int(args.traffic_log_max_mb * 2**20),
+        "flush_s": args.traffic_log_flush_s,
+    }

@@ -79,6 +79,32 @@ class SamplerMetrics:
         self.degraded.set(1 if degraded else 0)
 
 
+class TrafficLogMetrics:
+    """The traffic log (``rldiff.serving.traffic_log``): rows written, rows dropped by reason,
+    and whether it is failing. Called from the log's writer thread."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge
+
+        self.rows = Counter("rldiff_traffic_rows_written_total", "traffic log rows written")
+        self.drops = Counter(
+            "rldiff_traffic_rows_dropped_total",
+            "traffic log rows dropped: buffer_full, a write error (EROFS, ENOSPC, ...) while "
+            "the buffer was full, shutdown, invalid",
+            tag_keys=("reason",),
+        )
+        self.failing = Gauge("rldiff_traffic_log_failing", "1 while traffic log writes fail")
+
+    def written(self, n: int) -> None:
+        self.rows.inc(n)
+
+    def dropped(self, n: int, reason: str) -> None:
+        self.drops.inc(n, tags={"reason": reason})
+
+    def set_failing(self, failing: bool) -> None:
+        self.failing.set(1 if failing else 0)
+
+
 def cluster_metrics(prefix: str = "ray_rldiff_", timeout_s: float = 5.0) -> str:
     """The service's metrics (names starting with ``prefix``) as Prometheus text, gathered from
     the metrics port of every live node of the Ray cluster (where Ray exports them every few

@@ -196,12 +196,28 @@ class GenerateBatchResponse(BaseModel):
     responses: list[GenerateResponse]
 
 
+class TrafficLogState(BaseModel):
+    state: Literal["ok", "failing"] = Field(description="failing: writes fail, rows stay buffered")
+    rows_written: int
+    rows_dropped: int = Field(description="lost: buffer full, or still unwritten at shutdown")
+    rows_pending: int = Field(description="in the buffer, not written yet")
+    files_written: int
+    error: str | None = Field(description="why writes fail, while failing")
+
+
 class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded: no learned policy loaded, or the traffic log failing"
+    )
     degraded: bool = Field(description="true: no learned policy loaded, best hand-built served")
     serving: str
     policy: str | None = Field(description="the learned policy's directory, if one is loaded")
-    reason: str | None = Field(description="why no learned policy is loaded, if degraded")
+    reason: str | None = Field(
+        description="why no learned policy is loaded, else why the traffic log fails"
+    )
+    traffic_log: TrafficLogState | None = Field(
+        None, description="the answering ingress replica's traffic log; null: not configured"
+    )
 
 
 class ErrorDetail(BaseModel):
