@@ -240,3 +240,60 @@ def test_an_identical_policy_scores_ratio_one(base, tmp_path):
     result = compare_on_traffic(ev, load_model("gmm"), found.entries(), specs)
     assert result["ratios"]["new/old"] == 1.0
     assert all(np.isclose(c["ratios"]["new/old"], 1.0) for c in result["cells"])
+
+
+def test_serve_log_fine_tune_evaluate_swap_serve_again(base, tmp_path):
+    """The whole loop at tiny sizes: the service logs its traffic, training fine-tunes the served
+    policy on the logged conditions and compares old and new, the service swaps to the new policy
+    by a redeploy that changes only the policy, and serves it."""
+    import socket
+    import time
+
+    import requests
+    from ray import serve
+
+    from rldiff.serving.app import build_app
+
+    policy, cfg = base
+    root, log = policy.parent.parent, tmp_path / "log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    args = {
+        "model": "gmm",
+        "policy": f"{policy.parent.name}/policy",
+        "policy_root": str(root),
+        "access_log": False,
+        "traffic_log": str(log),
+        "traffic_log_flush_s": 0.2,
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="loop", route_prefix="/")
+        http = requests.Session()
+        bodies = [{"seeds": [100 + i], "labels": 3, "guidance": 7.5, "budget": 4} for i in range(4)]
+        bodies.append({"seeds": [200], "labels": 5, "guidance": 1.0, "budget": 6})
+        for body in bodies:
+            answer = http.post(url + "/v1/generate", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 15
+        while read_traffic(log).num_rows < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert read_traffic(log).num_rows == len(bodies)
+
+        out = root / "loop-tuned"
+        tuned = dataclasses.replace(cfg, conditions_from=str(log), init_policy=str(policy))
+        run_training(tuned, out, eval_samples=24, eval_overrides=EVAL_OVERRIDES)
+        result = json.loads((out / "evaluation" / "traffic.json").read_text())
+        cell = next(c for c in result["cells"] if (c["guidance"], c["budget"]) == (7.5, 4))
+        assert cell["share"] == pytest.approx(0.8) and result["ratios"]["new/old"] > 0
+
+        serve.run(build_app({**args, "policy": "loop-tuned/policy"}), name="loop", route_prefix="/")
+        info = http.get(url + "/v1/policy", timeout=30).json()
+        assert info["learned"]["directory"] == "loop-tuned/policy" and info["last_swap"]["ok"]
+        answer = http.post(url + "/v1/generate", json=bodies[0], timeout=60)
+        assert answer.status_code == 200 and answer.json()["samples"][0]["nfe"] <= 4
+        assert not answer.json()["degraded"]
+    finally:
+        serve.shutdown()
