@@ -74,8 +74,8 @@ def run(args) -> int:
         serve.start(http_options={"host": server.host, "port": server.port})
         serve.run(app, name="rldiff", route_prefix="/")
         url = f"http://{server.host}:{server.port}"
-        print(f"serving {serving} on {url} (API docs: {url}/docs; health: {url}/v1/health;")
-        print(f"  metrics: {url}/metrics); Ctrl-C stops")
+        print(f"serving {serving} on {url} (playground: {url}/playground; API docs: {url}/docs;")
+        print(f"  health: {url}/v1/health; metrics: {url}/metrics); Ctrl-C stops")
         deadline = None if server.for_seconds is None else time.monotonic() + server.for_seconds
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
